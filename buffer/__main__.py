@@ -1,0 +1,5 @@
+import sys
+
+from buffer.cli import main
+
+sys.exit(main())

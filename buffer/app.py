@@ -1,0 +1,307 @@
+"""Wires the buffer together and owns its lifecycle: the enabled flag and the drain.
+
+Enabled means: accepting rows and ready (``/readyz`` 200, gRPC health SERVING). The first drain
+signal — ``POST /drain`` from a preStop hook, or SIGTERM — turns it off for good: readiness fails,
+health goes NOT_SERVING, the flusher flushes eagerly, and one deadline (``--drain-timeout`` from
+that first signal) bounds everything that follows. When the buffer *refuses* new rows depends on
+the mode:
+
+* gateway: ``--propagation-delay`` after the first signal, so load balancers stop routing here
+  first; then writes get UNAVAILABLE and clients go to another replica.
+* sidecar: only after SIGTERM plus ``--linger``. A native sidecar's preStop runs beside the
+  application's, and its SIGTERM comes after the application exited; an old-style sidecar gets
+  SIGTERM together with the application. Either way the application's last rows are accepted.
+
+On SIGTERM the supervisor stops the routines in reverse order: the gRPC server (after the refusal
+point, letting in-flight calls finish), then the flusher (drained until empty or the deadline),
+then the admin listener. The exit code says whether every accepted row reached ClickHouse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from grpc_health.v1._async import HealthServicer
+
+from buffer.admin import AdminServer, json_body
+from buffer.catalog import TableCatalog
+from buffer.config import Config, parse_listen
+from buffer.flusher import BatchResult, Flusher, FlushPolicy
+from buffer.ring import Ring, WhenFull
+from buffer.routines import PeriodicRoutine, Routine, Supervisor
+from buffer.server import GrpcServer
+from buffer.service import IngestService
+from buffer.sink import ClickHouseSink, Sink
+from buffer.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_CONFIG = 2
+EXIT_ROWS_LOST = 3
+
+# Rows failed for these reasons were dropped on purpose (the configured full policy).
+INTENTIONAL = frozenset({"dropped_oldest"})
+
+
+class App:
+    def __init__(self, cfg: Config, *, sink: Sink | None = None,
+                 signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.sink: Sink = sink if sink is not None else ClickHouseSink(cfg)
+        self.telemetry = Telemetry()
+        self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock)
+        self.flusher = Flusher(
+            self.ring, self.sink,
+            FlushPolicy(cfg.flush_max_rows, cfg.flush_max_bytes, cfg.flush_interval, cfg.inserts_in_flight,
+                        cfg.retry_initial_backoff, cfg.retry_max_backoff),
+            clock=clock, on_batch=self._record_batch)
+        database = cfg.effective_database()
+        self.catalog = TableCatalog(cfg.tables, None if cfg.tables else self.sink.tables, database)
+        self.service = IngestService(self.ring, self.catalog, max_request_bytes=cfg.max_request_bytes,
+                                     block_timeout=cfg.block_timeout, on_barrier=self.flusher.wake)
+        self.health = HealthServicer()
+        # The gRPC limit sits above ours so an oversized payload gets our precise INVALID_ARGUMENT.
+        grpc_limit = min(2**31 - 1, max(2 * cfg.max_request_bytes, cfg.max_request_bytes + 1024 * 1024))
+        self.grpc = GrpcServer(cfg.grpc_listen, self.service, self.health, max_message_bytes=grpc_limit,
+                               before_stop=self._until_refusing, grace=self._grpc_grace,
+                               stop_budget=self._grpc_stop_budget)
+        http = parse_listen(cfg.http_listen)
+        assert not isinstance(http, str)
+        self.admin = AdminServer(http[0], http[1], {
+            ("GET", "/livez"): self._livez,
+            ("GET", "/readyz"): self._readyz,
+            ("POST", "/drain"): self._drain_route,
+            ("GET", "/metrics"): self._metrics,
+        })
+        self.catalog_refresher = PeriodicRoutine("table-catalog", 30.0, self.catalog.refresh,
+                                                 "could not refresh the list of ClickHouse tables")
+        routines: list[Routine] = [self.admin, self.flusher, self.catalog_refresher, self.grpc]
+        self.supervisor = Supervisor(routines, signals=signals, on_signal=self._on_signal,
+                                     on_crash=self._on_crash, force_exit=self._force_exit)
+        self.enabled = False
+        self.crashed = False
+        self.drain_started: float | None = None
+        self.deadline: float | None = None
+        self.drained_in: float | None = None
+        self.refusing = asyncio.Event()
+        self._refuse_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._register_metrics()
+
+    # ----- running --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Runs until stopped; returns the process exit code."""
+        self.enabled = True  # readiness still waits for the gRPC listener (see _readyz)
+        if not self.cfg.tables:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.catalog.refresh(), 10.0)
+        if self.catalog.reachable is False:
+            log.warning("ClickHouse is not reachable at start; accepting rows (up to the buffer's capacity) "
+                        "and flushing once it answers")
+        clean = await self.supervisor.run()
+        self.telemetry.shutdown()
+        self.sink.close()
+        return self._exit_code(clean)
+
+    def _exit_code(self, clean: bool) -> int:
+        c = self.ring.counters
+        failed = dict(c.failed_rows)
+        lost = sum(rows for reason, rows in failed.items() if reason not in INTENTIONAL)
+        summary = {"rows_accepted": c.accepted_rows, "rows_committed": c.committed_rows,
+                   "rows_failed": failed, "rows_lost": lost,
+                   "drain_seconds": None if self.drained_in is None else round(self.drained_in, 3)}
+        if not clean:
+            log.error("exiting after a routine crashed: %s", self.supervisor.crashed, extra=summary)
+            return EXIT_CRASHED
+        if lost:
+            log.error("exiting with %d accepted rows that did not reach ClickHouse", lost, extra=summary)
+            return EXIT_ROWS_LOST
+        log.info("exiting: every accepted row reached ClickHouse", extra=summary)
+        return EXIT_OK
+
+    def stop(self) -> None:
+        """Starts a drain and a shutdown, as SIGTERM does (for embedding and tests)."""
+        self._on_signal(signal.SIGTERM)
+        self.supervisor.request_stop()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # strong reference until done
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----- the drain ------------------------------------------------------------------------
+
+    def begin_drain(self, source: str) -> None:
+        """Idempotent. The first call sets the deadline and turns the enabled flag off."""
+        now = self.clock()
+        if self.drain_started is None:
+            self.drain_started = now
+            self.deadline = now + self.cfg.drain_timeout
+            self.enabled = False
+            self._spawn(self.health.enter_graceful_shutdown())
+            self.flusher.drain(self.deadline)
+            log.info("drain started by %s: not ready any more; deadline in %.1fs", source, self.cfg.drain_timeout,
+                     extra={"mode": self.cfg.mode, "rows_buffered": self.ring.rows})
+            self._spawn(self._record_drain())
+            if self.cfg.mode == "gateway":
+                self._refuse_after(self.cfg.propagation_delay, "propagation delay")
+        if source == "SIGTERM" and self.cfg.mode == "sidecar":
+            self._refuse_after(self.cfg.linger, "linger")
+
+    def _refuse_after(self, delay: float, why: str) -> None:
+        if self._refuse_task is not None:
+            return
+
+        async def refuse() -> None:
+            assert self.deadline is not None
+            wait = max(0.0, min(delay, self.deadline - self.clock()))
+            if wait:
+                log.info("accepting rows for %.1fs more (%s)", wait, why)
+                await asyncio.sleep(wait)
+            self.ring.close()
+            self.refusing.set()
+            log.info("refusing new rows; flushing %d buffered rows", self.ring.rows)
+
+        self._refuse_task = self._spawn(refuse())
+
+    async def _until_refusing(self) -> None:
+        if self._refuse_task is None:
+            self.begin_drain("shutdown")
+            self._refuse_after(0.0, "shutdown")
+        await self.refusing.wait()
+
+    def _remaining(self) -> float:
+        return 0.0 if self.deadline is None else max(0.0, self.deadline - self.clock())
+
+    def _grpc_grace(self) -> float:
+        # In-flight calls (a COMMITTED write waiting for its flush) get part of what is left.
+        return min(5.0, self._remaining() / 2)
+
+    def _grpc_stop_budget(self) -> float:
+        return self._remaining() + 2.0 if self.deadline is not None else self.cfg.drain_timeout + 2.0
+
+    async def _record_drain(self) -> None:
+        await self.ring.emptied.wait()
+        if self.drain_started is not None and self.refusing.is_set():
+            self.drained_in = self.clock() - self.drain_started
+            self.telemetry.drain_duration.record(self.drained_in)
+        elif not self.refusing.is_set():
+            # Sidecar mode: rows keep arriving until SIGTERM; measure once refusal starts.
+            await self.refusing.wait()
+            await self.ring.emptied.wait()
+            if self.drain_started is not None:
+                self.drained_in = self.clock() - self.drain_started
+                self.telemetry.drain_duration.record(self.drained_in)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.begin_drain(sig.name)
+
+    def _on_crash(self, routine: Routine, exc: BaseException) -> None:
+        self.crashed = True
+        self.begin_drain(f"crash of {routine.name}")
+
+    def _force_exit(self) -> None:
+        lost = self.ring.rows
+        log.error("forced exit: %d buffered rows are lost", lost, extra={"rows_not_flushed": lost})
+        import os
+
+        os._exit(EXIT_ROWS_LOST if lost else EXIT_CRASHED)
+
+    # ----- HTTP routes ----------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.enabled and not self.crashed and bool(self.grpc.bound)
+
+    async def _livez(self) -> tuple[int, str, bytes]:
+        if self.crashed:
+            return json_body(503, {"live": False, "crashed": [name for name, _ in self.supervisor.crashed]})
+        return json_body(200, {"live": True})
+
+    async def _readyz(self) -> tuple[int, str, bytes]:
+        body = {"ready": self.ready(), "enabled": self.enabled, "draining": self.drain_started is not None,
+                "buffer_rows": self.ring.rows, "buffer_bytes": self.ring.bytes}
+        return json_body(200 if body["ready"] else 503, body)
+
+    async def _drain_route(self) -> tuple[int, str, bytes]:
+        self.begin_drain("POST /drain")
+        if self.cfg.mode == "gateway":
+            await self._wait_deadline(self.refusing.wait())
+        await self._wait_deadline(self.ring.emptied.wait())
+        drained = self.ring.outstanding == 0
+        assert self.drain_started is not None
+        body = {"drained": drained, "mode": self.cfg.mode, "accepting": not self.ring.closed,
+                "rows_buffered": self.ring.rows, "rows_committed": self.ring.counters.committed_rows,
+                "seconds": round(self.clock() - self.drain_started, 3),
+                "deadline_in": round(self._remaining(), 3)}
+        return json_body(200 if drained else 503, body)
+
+    async def _wait_deadline(self, aw: Any) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(aw, self._remaining())
+
+    async def _metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.telemetry.prometheus_text()
+
+    # ----- telemetry ------------------------------------------------------------------------
+
+    def _record_batch(self, result: BatchResult) -> None:
+        attrs = {"table": result.key[0]}
+        t = self.telemetry
+        t.flush_duration.record(result.seconds, attrs)
+        if result.committed:
+            t.batch_rows.record(result.rows, attrs)
+            t.batch_bytes.record(result.bytes, attrs)
+
+    def _register_metrics(self) -> None:
+        t, ring, svc, fl = self.telemetry, self.ring, self.service, self.flusher
+        c = ring.counters
+
+        def one(value: float) -> Callable[[], Iterable[tuple[float, dict[str, str]]]]:
+            return lambda: [(value, {})]
+
+        t.observe("ingest_buffer_received_rows", "rows in requests received (valid framing)",
+                  lambda: [(svc.received_rows, {})], unit="{row}")
+        t.observe("ingest_buffer_received_requests", "write requests and stream messages received",
+                  lambda: [(svc.received_requests, {})])
+        t.observe("ingest_buffer_received", "payload bytes received", lambda: [(svc.received_bytes, {})], unit="By")
+        t.observe("ingest_buffer_accepted_rows", "rows accepted into the buffer", lambda: [(c.accepted_rows, {})],
+                  unit="{row}")
+        t.observe("ingest_buffer_accepted", "bytes accepted into the buffer", lambda: [(c.accepted_bytes, {})],
+                  unit="By")
+        t.observe("ingest_buffer_rejected_requests", "requests refused, by reason",
+                  lambda: [(n, {"reason": r}) for r, (n, _) in list(svc.rejected.items())])
+        t.observe("ingest_buffer_flushed_rows", "rows ClickHouse acknowledged", lambda: [(c.committed_rows, {})],
+                  unit="{row}")
+        t.observe("ingest_buffer_flushed", "bytes ClickHouse acknowledged", lambda: [(c.committed_bytes, {})],
+                  unit="By")
+        t.observe("ingest_buffer_dropped_rows", "accepted rows that will not reach ClickHouse, by reason",
+                  lambda: [(n, {"reason": r.split(":")[0], "intentional": str(r in INTENTIONAL).lower()})
+                           for r, n in list(c.failed_rows.items())], unit="{row}")
+        t.observe("ingest_buffer_insert_retries", "insert attempts retried", lambda: [(fl.stats.retries, {})])
+        t.observe("ingest_buffer_insert_errors", "failed insert attempts, by ClickHouse error",
+                  lambda: [(n, {"error": e}) for e, n in list(fl.stats.errors.items())])
+        t.observe("ingest_buffer_buffer_rows", "rows held (queued and in flight)", lambda: [(ring.rows, {})],
+                  unit="{row}", kind="gauge")
+        t.observe("ingest_buffer_buffer", "bytes held (queued and in flight)", lambda: [(ring.bytes, {})],
+                  unit="By", kind="gauge")
+        t.observe("ingest_buffer_buffer_capacity_rows", "row capacity", one(ring.max_rows), unit="{row}",
+                  kind="gauge")
+        t.observe("ingest_buffer_buffer_capacity", "byte capacity", one(ring.max_bytes), unit="By", kind="gauge")
+        t.observe("ingest_buffer_blocked_writers", "writes waiting for room", lambda: [(ring.blocked_writers, {})],
+                  kind="gauge")
+        t.observe("ingest_buffer_oldest_row_age", "age of the oldest row not yet in ClickHouse",
+                  lambda: [(ring.oldest_age(), {})], unit="s", kind="gauge")
+        t.observe("ingest_buffer_enabled", "1 while accepting rows and ready", lambda: [(int(self.ready()), {})],
+                  kind="gauge")

@@ -1,0 +1,174 @@
+"""Command line: ``ingest-buffer serve | drain | check-config | send | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from buffer import __version__
+from buffer.config import ENV_PREFIX, ConfigError, add_arguments, load, parse_listen
+
+EPILOG = (f"Every setting is also read from the environment as {ENV_PREFIX}<NAME> "
+          f"(e.g. {ENV_PREFIX}CLICKHOUSE_URL) and from a TOML file given with --config.")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from buffer import logs
+    from buffer.app import EXIT_CONFIG, App
+
+    try:
+        cfg = load(vars(args), config_file=args.config)
+    except ConfigError as exc:
+        print(f"ingest-buffer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(cfg.log_level, cfg.log_format)
+
+    async def main() -> int:
+        return await App(cfg).run()
+
+    return asyncio.run(main())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(vars(args), config_file=args.config)
+    except ConfigError as exc:
+        print(f"ingest-buffer: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.masked(), indent=2))
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    address = args.http_listen or os.environ.get(ENV_PREFIX + "HTTP_LISTEN", "127.0.0.1:8481")
+    try:
+        host, port = parse_listen(address)  # type: ignore[misc]
+    except ValueError as exc:
+        print(f"ingest-buffer drain: --http-listen {exc}", file=sys.stderr)
+        return 2
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = urllib.request.Request(f"http://{netloc}/drain", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as reply:
+            body = reply.read().decode()
+            status = reply.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read().decode(), exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"ingest-buffer drain: cannot reach the buffer's admin listener at {netloc}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(body.strip())
+    return 0 if status == 200 else 1
+
+
+def _send(args: argparse.Namespace) -> int:
+    import grpc
+
+    from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
+    from buffer.send import resolve_format, send
+
+    try:
+        fmt = resolve_format(args.format, args.file)
+    except ValueError as exc:
+        print(f"ingest-buffer send: {exc}", file=sys.stderr)
+        return 2
+    target = args.target or os.environ.get(ENV_PREFIX + "GRPC_LISTEN", "127.0.0.1:50051")
+    if target.startswith("0.0.0.0:"):
+        target = "127.0.0.1:" + target.split(":", 1)[1]
+    ack = pb.ACK_LEVEL_COMMITTED if args.ack == "committed" else pb.ACK_LEVEL_BUFFERED
+    try:
+        if args.file in (None, "-"):
+            stream, total = sys.stdin.buffer, None
+        else:
+            stream, total = open(args.file, "rb"), os.path.getsize(args.file)  # noqa: SIM115
+    except OSError as exc:
+        print(f"ingest-buffer send: {exc}", file=sys.stderr)
+        return 2
+    show = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    try:
+        summary = send(target, args.table, fmt, stream, total=total, chunk_bytes=args.chunk_bytes, ack=ack,
+                       row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"ingest-buffer send: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except ValueError as exc:
+        print(f"ingest-buffer send: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    print(json.dumps(summary))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from buffer.demo import run_demo
+
+    return run_demo(args.rows, args.data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ingest-buffer", description=(
+        "A sidecar that buffers rows sent over gRPC and writes them to ClickHouse in large batches."),
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"ingest-buffer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the buffer", epilog=EPILOG)
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate the settings and print them (secrets masked)",
+                           epilog=EPILOG)
+    add_arguments(check)
+    check.set_defaults(func=_check_config)
+
+    drain = sub.add_parser("drain", help="start a drain and wait for it (for an exec preStop hook)")
+    drain.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                       help=f"the buffer's admin listener (env {ENV_PREFIX}HTTP_LISTEN; default 127.0.0.1:8481)")
+    drain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    drain.set_defaults(func=_drain)
+
+    snd = sub.add_parser("send", help="stream rows from a file or stdin to a running buffer")
+    snd.add_argument("file", nargs="?", default=None, help="file to send; - or absent for stdin")
+    snd.add_argument("--table", required=True, help="table to insert into")
+    snd.add_argument("--format", default=None,
+                     help="JSONEachRow, JSONCompactEachRow, CSV, TSV, RowBinary or Native "
+                          "(default: from the file's extension)")
+    snd.add_argument("--target", default=None, metavar="HOST:PORT",
+                     help=f"the buffer's gRPC address (env {ENV_PREFIX}GRPC_LISTEN; default 127.0.0.1:50051; "
+                          "unix:/path for a socket)")
+    snd.add_argument("--ack", choices=("buffered", "committed"), default="buffered",
+                     help="reply once rows are buffered (default) or committed to ClickHouse")
+    snd.add_argument("--flush", action="store_true", help="wait until ClickHouse has every row before exiting")
+    snd.add_argument("--row-count", type=int, default=0, help="rows in the file (RowBinary and Native only)")
+    snd.add_argument("--chunk-bytes", type=int, default=1024 * 1024, help="bytes per stream message")
+    snd.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                     help="progress bar on stderr (auto: when it is a terminal)")
+    snd.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    snd.set_defaults(func=_send)
+
+    demo = sub.add_parser("demo", help="run the buffer on the embedded engine, send rows, show them land")
+    demo.add_argument("--rows", type=int, default=100_000, help="rows to send")
+    demo.add_argument("--data-dir", default=".ingest-buffer/demo", help="where the embedded engine keeps data")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Settings: one table drives the command-line flags, the environment variables and the config file.
+
+Precedence, highest first: command-line flag, environment variable ``INGEST_BUFFER_<NAME>``,
+config file (``--config``, TOML, keys spelled like the flags with ``_`` or ``-``), default.
+Everything is validated once, at start, and each error names the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+ENV_PREFIX = "INGEST_BUFFER_"
+MODES = ("sidecar", "gateway")
+WHEN_FULL = ("block", "reject", "drop_oldest")
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the buffer cannot run with; the message says which and how to fix it."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "ki": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mi": 1024**2, "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gi": 1024**3, "gib": 1024**3}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str) -> int:
+    """``64MiB``, ``512k``, ``1048576`` → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 1048576, 512KiB or 64MiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(text: str) -> float:
+    """``250ms``, ``5s``, ``1.5`` (seconds), ``2m`` → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 250ms, 5s or 2m")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("grpc_listen", "127.0.0.1:50051",
+            "gRPC listen address: HOST:PORT, [::]:PORT, or unix:/path/to.sock"),
+    Setting("http_listen", "127.0.0.1:8481",
+            "HTTP admin listen address (probes, /drain, /metrics): HOST:PORT"),
+    Setting("clickhouse_url", "chdb://.ingest-buffer/chdb",
+            "ClickHouse: http(s)://user:pass@host:port/db for a server, chdb:///abs/path or "
+            "chdb://relative/path for the embedded engine", secret=True),
+    Setting("database", "",
+            "database for the tables; overrides the one in the URL (default: from the URL, else 'default')"),
+    Setting("tables", (), "comma-separated allowlist of tables; empty = any existing table", parse_list),
+    Setting("mode", "sidecar", "sidecar (keep accepting until SIGTERM) or gateway (refuse after a delay)",
+            choices=MODES),
+    Setting("buffer_max_bytes", 64 * 1024**2, "buffer capacity in bytes, in-flight batches included",
+            parse_size),
+    Setting("buffer_max_rows", 1_000_000, "buffer capacity in rows, in-flight batches included", parse_int),
+    Setting("when_full", "block", "what a write meets when the buffer is full", choices=WHEN_FULL),
+    Setting("block_timeout", 5.0, "with when_full=block: the longest a write waits for room", parse_duration),
+    Setting("max_request_bytes", 16 * 1024**2, "largest payload one request may carry", parse_size),
+    Setting("flush_max_rows", 100_000, "flush a table's batch once it holds this many rows", parse_int),
+    Setting("flush_max_bytes", 16 * 1024**2, "flush a table's batch once it holds this many bytes",
+            parse_size),
+    Setting("flush_interval", 1.0, "flush a table's batch once its oldest row is this old", parse_duration),
+    Setting("flush_concurrency", 0,
+            "inserts in flight at once (0 = 1 for chdb, 2 for a server)", parse_int),
+    Setting("insert_timeout", 30.0, "time limit of one insert to a ClickHouse server", parse_duration),
+    Setting("retry_initial_backoff", 0.2, "first wait before retrying a failed insert", parse_duration),
+    Setting("retry_max_backoff", 10.0, "longest wait between retries of a failed insert", parse_duration),
+    Setting("drain_timeout", 25.0,
+            "from the first drain signal (/drain or SIGTERM) to exit; keep it below the pod's "
+            "terminationGracePeriodSeconds", parse_duration),
+    Setting("propagation_delay", 5.0,
+            "gateway mode: after /drain, keep accepting this long so load balancers stop routing here",
+            parse_duration),
+    Setting("linger", 2.0,
+            "sidecar mode: after SIGTERM, keep accepting this long for old-style sidecars' siblings",
+            parse_duration),
+    Setting("log_level", "info", "log level", choices=LOG_LEVELS),
+    Setting("log_format", "auto", "log format: json, text, or auto (json when not on a terminal)",
+            choices=LOG_FORMATS),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    grpc_listen: str
+    http_listen: str
+    clickhouse_url: str
+    database: str
+    tables: tuple[str, ...]
+    mode: str
+    buffer_max_bytes: int
+    buffer_max_rows: int
+    when_full: str
+    block_timeout: float
+    max_request_bytes: int
+    flush_max_rows: int
+    flush_max_bytes: int
+    flush_interval: float
+    flush_concurrency: int
+    insert_timeout: float
+    retry_initial_backoff: float
+    retry_max_backoff: float
+    drain_timeout: float
+    propagation_delay: float
+    linger: float
+    log_level: str
+    log_format: str
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.clickhouse_url.startswith("chdb:")
+
+    @property
+    def inserts_in_flight(self) -> int:
+        if self.flush_concurrency:
+            return self.flush_concurrency
+        return 1 if self.is_embedded else 2
+
+    def effective_database(self) -> str:
+        if self.database:
+            return self.database
+        if not self.is_embedded:
+            path = urlsplit(self.clickhouse_url).path.strip("/")
+            if path:
+                return path
+        return "default"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config with secrets (URL passwords) masked, for printing."""
+        out: dict[str, Any] = {}
+        for s in SETTINGS:
+            value = getattr(self, s.name)
+            if s.name == "clickhouse_url":
+                value = mask_url(value)
+            elif s.secret and value:
+                value = "***"
+            out[s.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; an absent flag stays None so env and file can fill it."""
+    parser.add_argument("--config", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
+                        help=f"TOML file with settings (env {ENV_PREFIX}CONFIG)")
+    for s in SETTINGS:
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        extra = f" one of {', '.join(s.choices)};" if s.choices else ""
+        parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                            help=f"{s.help};{extra} env {s.env}; default {default!s}")
+
+
+def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+         config_file: str | None = None) -> Config:
+    """Builds and validates the config. Raises ConfigError listing every bad setting."""
+    env = os.environ if env is None else env
+    file_values = _read_file(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for s in SETTINGS:
+        raw: Any
+        source: str
+        if flags.get(s.name) is not None:
+            raw, source = flags[s.name], s.flag
+        elif s.env in env:
+            raw, source = env[s.env], s.env
+        elif s.name in file_values:
+            raw, source = file_values[s.name], f"{s.name} in {config_file}"
+        else:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = _coerce(s, raw)
+        except ValueError as exc:
+            errors.append(f"{source}: {exc}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _coerce(s: Setting, raw: Any) -> Any:
+    if isinstance(raw, list) and isinstance(s.default, tuple):
+        value: Any = tuple(str(v) for v in raw)
+    elif isinstance(raw, bool) or (not isinstance(raw, (str, int, float))):
+        raise ValueError(f"expected a string or number, got {raw!r}")
+    elif isinstance(raw, (int, float)) and not isinstance(s.default, (str, tuple)):
+        value = raw if isinstance(s.default, float) else int(raw)
+    else:
+        value = s.parse(str(raw))
+    if s.choices and value not in s.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(s.choices)}")
+    return value
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path} does not exist; give the path of a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in SETTINGS_BY_NAME:
+            out[name] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"--config: {path} has unknown settings {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(SETTINGS_BY_NAME)}")
+    return out
+
+
+_POSITIVE = ("buffer_max_bytes", "buffer_max_rows", "max_request_bytes", "flush_max_rows", "flush_max_bytes",
+             "flush_interval", "insert_timeout", "retry_initial_backoff", "retry_max_backoff", "drain_timeout")
+
+
+def _validate(cfg: Config) -> None:
+    errors: list[str] = []
+
+    def bad(name: str, why: str) -> None:
+        errors.append(f"{SETTINGS_BY_NAME[name].flag} ({SETTINGS_BY_NAME[name].env}): {why}")
+
+    for name in _POSITIVE:
+        if getattr(cfg, name) <= 0:
+            bad(name, "must be greater than 0")
+    for name in ("block_timeout", "propagation_delay", "linger", "flush_concurrency"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must not be negative")
+    if cfg.max_request_bytes > cfg.buffer_max_bytes:
+        bad("max_request_bytes", f"{cfg.max_request_bytes} is larger than --buffer-max-bytes "
+            f"{cfg.buffer_max_bytes}: such a request could never fit; lower it or raise the buffer")
+    if cfg.flush_max_bytes > cfg.buffer_max_bytes:
+        bad("flush_max_bytes", "is larger than --buffer-max-bytes; a batch can never reach it")
+    if cfg.retry_max_backoff < cfg.retry_initial_backoff:
+        bad("retry_max_backoff", "is smaller than --retry-initial-backoff")
+    for name in ("grpc_listen", "http_listen"):
+        try:
+            parse_listen(getattr(cfg, name), allow_unix=name == "grpc_listen")
+        except ValueError as exc:
+            bad(name, str(exc))
+    try:
+        clickhouse_target(cfg.clickhouse_url)
+    except ValueError as exc:
+        bad("clickhouse_url", str(exc))
+    for table in cfg.tables:
+        if not valid_table_name(table):
+            bad("tables", f"{table!r} is not a table name (letters, digits, _ and $; not starting with a digit)")
+    if cfg.database and not valid_table_name(cfg.database):
+        bad("database", f"{cfg.database!r} is not a database name")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,254}")
+
+
+def valid_table_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None
+
+
+def parse_listen(address: str, allow_unix: bool = False) -> tuple[str, int] | str:
+    """HOST:PORT → (host, port); unix:/path → '/path'. Raises ValueError with the accepted forms."""
+    if address.startswith("unix:"):
+        if not allow_unix:
+            raise ValueError(f"{address!r}: a Unix socket is not supported here; use HOST:PORT")
+        path = address[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"{address!r}: give the socket path, e.g. unix:/run/ingest/grpc.sock")
+        return path
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT (e.g. 127.0.0.1:50051, [::]:50051"
+                         + (", unix:/path/grpc.sock" if allow_unix else "") + ")")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickHouseTarget:
+    """Where the rows go: an embedded chDB path, or a server's connection parameters."""
+
+    embedded_path: str | None = None
+    interface: str = "http"
+    host: str = ""
+    port: int = 0
+    username: str = "default"
+    password: str = ""
+    database: str = ""
+
+
+def clickhouse_target(url: str) -> ClickHouseTarget:
+    if url.startswith("chdb:"):
+        rest = url[len("chdb:"):]
+        if rest.startswith("//"):
+            rest = rest[2:]
+        if rest in ("", "memory", ":memory:"):
+            return ClickHouseTarget(embedded_path=":memory:")
+        return ClickHouseTarget(embedded_path=os.path.abspath(rest))
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: use http(s)://user:pass@host:port/db for a server or "
+                         "chdb:///abs/path for the embedded engine")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host")
+    try:
+        port = parts.port or (8443 if parts.scheme == "https" else 8123)
+    except ValueError:
+        raise ValueError(f"{url!r} has a port that is not a number") from None
+    from urllib.parse import unquote
+    return ClickHouseTarget(interface=parts.scheme, host=parts.hostname, port=port,
+                            username=unquote(parts.username or "default"),
+                            password=unquote(parts.password or ""),
+                            database=parts.path.strip("/"))
+
+
+def setting_names() -> Sequence[str]:
+    return [s.name for s in SETTINGS]

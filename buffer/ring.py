@@ -1,0 +1,392 @@
+"""The bounded buffer between the gRPC handlers and the flusher.
+
+Each accepted request becomes one :class:`Entry` (its payload is kept as the bytes object gRPC
+handed over: no copy, no parsing). Entries wait in one FIFO per (table, format) key. The flusher
+*takes* a batch from a key; the batch's bytes still count against the capacity until the flusher
+*releases* it, so memory never exceeds ``max_bytes`` plus one request, whatever ClickHouse does.
+
+Every entry ends in exactly one of two states, and the counters add up:
+``accepted == committed + failed + outstanding`` where failed entries carry a reason
+(dropped by policy, rejected by ClickHouse, not flushed before exit).
+
+Single-threaded: every method runs on the event loop. The flusher's insert threads never touch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+class WhenFull(enum.Enum):
+    BLOCK = "block"
+    REJECT = "reject"
+    DROP_OLDEST = "drop_oldest"
+
+
+class State(enum.IntEnum):
+    PENDING = 0
+    IN_FLIGHT = 1
+    COMMITTED = 2
+    FAILED = 3
+
+
+Key = tuple[str, str]  # (table, ClickHouse format name)
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    key: Key
+    payload: bytes
+    rows: int
+    seq: int = 0
+    accepted_at: float = 0.0
+    state: State = State.PENDING
+    reason: str = ""
+    # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
+    waiter: asyncio.Future[None] | None = None
+
+    size: int = 0  # len(payload), kept after the payload is released
+
+    def __post_init__(self) -> None:
+        self.size = len(self.payload)
+
+
+class BufferFull(Exception):
+    """No room for the request; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BufferClosed(Exception):
+    """The buffer no longer accepts rows (draining)."""
+
+
+class EntryFailed(Exception):
+    """Raised into COMMITTED waiters whose rows left the buffer without reaching ClickHouse."""
+
+
+@dataclass
+class Counters:
+    accepted_rows: int = 0
+    accepted_bytes: int = 0
+    accepted_requests: int = 0
+    committed_rows: int = 0
+    committed_bytes: int = 0
+    # reason → rows
+    failed_rows: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+
+
+@dataclass(eq=False)
+class Barrier:
+    """Completes once every entry outstanding when it was set has left the buffer."""
+
+    upto_seq: int
+    entries: list[Entry]
+    done: asyncio.Future[None]
+
+    def outcome(self) -> tuple[int, int]:
+        """(rows committed, rows failed) among the entries the barrier covered."""
+        ok = sum(e.rows for e in self.entries if e.state is State.COMMITTED)
+        failed = sum(e.rows for e in self.entries if e.state is State.FAILED)
+        return ok, failed
+
+
+class Ring:
+    def __init__(self, max_bytes: int, max_rows: int, when_full: WhenFull,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.max_rows = max_rows
+        self.when_full = when_full
+        self.clock = clock
+        self.bytes = 0  # pending + in flight
+        self.rows = 0
+        self.counters = Counters()
+        self._seq = 0
+        self._queues: dict[Key, collections.deque[Entry]] = {}
+        self._queued_rows: dict[Key, int] = collections.defaultdict(int)
+        self._queued_bytes: dict[Key, int] = collections.defaultdict(int)
+        # Every entry not yet committed or failed, in acceptance order (seq increases).
+        self._outstanding: collections.OrderedDict[int, Entry] = collections.OrderedDict()
+        self._blocked: collections.deque[tuple[Entry, asyncio.Future[None]]] = collections.deque()
+        self._barriers: list[Barrier] = []
+        self._closed = False
+        # The flusher sets these to its batch sizes.
+        self.wake_rows = 1
+        self.wake_bytes = 1
+        # Set when an entry is added that may need the flusher's attention.
+        self.arrived = asyncio.Event()
+        # Set whenever the buffer becomes empty.
+        self.emptied = asyncio.Event()
+        self.emptied.set()
+
+    # ----- admission -----------------------------------------------------------------------
+
+    def _fits(self, entry: Entry) -> bool:
+        return self.bytes + entry.size <= self.max_bytes and self.rows + entry.rows <= self.max_rows
+
+    def retry_after(self) -> float:
+        """A hint for rejected clients: roughly how long until there may be room."""
+        return 0.5 if self.bytes < self.max_bytes else 1.0
+
+    def offer(self, entry: Entry) -> None:
+        """Adds the entry now or raises BufferFull / BufferClosed. Never waits."""
+        if self._closed:
+            raise BufferClosed("the buffer is draining and accepts no new rows")
+        if entry.size > self.max_bytes or entry.rows > self.max_rows:
+            raise ValueError("entry larger than the whole buffer")
+        if not self._blocked and self._fits(entry):
+            self._admit(entry)
+            return
+        if self.when_full is WhenFull.DROP_OLDEST and not self._blocked:
+            self._drop_oldest_for(entry)
+            if self._fits(entry):
+                self._admit(entry)
+                return
+        raise BufferFull(self._full_message(), self.retry_after())
+
+    async def put(self, entry: Entry, timeout: float) -> None:
+        """Adds the entry, waiting up to ``timeout`` for room when the policy is BLOCK."""
+        if self.when_full is not WhenFull.BLOCK or timeout <= 0:
+            self.offer(entry)
+            return
+        if self._closed:
+            raise BufferClosed("the buffer is draining and accepts no new rows")
+        if not self._blocked and self._fits(entry):
+            self._admit(entry)
+            return
+        # Waiters are admitted strictly in arrival order so a large request is not starved.
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (entry, fut)
+        self._blocked.append(item)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            if fut.done() and fut.exception() is None:
+                return  # admitted at the last moment
+            self._remove_blocked(item)
+            raise BufferFull(self._full_message() + f"; waited {timeout:g}s", self.retry_after()) from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Admitted, but the caller went away: the rows stay accepted (nothing is lost,
+                # the client simply gets no ack and may resend).
+                raise
+            self._remove_blocked(item)
+            raise
+
+    def _remove_blocked(self, item: tuple[Entry, asyncio.Future[None]]) -> None:
+        try:
+            self._blocked.remove(item)
+        except ValueError:
+            pass
+        self._admit_blocked()
+
+    def _full_message(self) -> str:
+        return (f"buffer full: {self.bytes}/{self.max_bytes} bytes, {self.rows}/{self.max_rows} rows "
+                f"held while ClickHouse catches up")
+
+    def _admit(self, entry: Entry) -> None:
+        self._seq += 1
+        entry.seq = self._seq
+        entry.accepted_at = self.clock()
+        entry.state = State.PENDING
+        queue = self._queues.get(entry.key)
+        if queue is None:
+            queue = self._queues[entry.key] = collections.deque()
+        queue.append(entry)
+        self._queued_rows[entry.key] += entry.rows
+        self._queued_bytes[entry.key] += entry.size
+        self._outstanding[entry.seq] = entry
+        self.bytes += entry.size
+        self.rows += entry.rows
+        c = self.counters
+        c.accepted_rows += entry.rows
+        c.accepted_bytes += entry.size
+        c.accepted_requests += 1
+        self.emptied.clear()
+        # Wake the flusher only when it has something new to decide: a key that was empty (its age
+        # timer starts) or a key that reached a flush size. Waking it per request costs throughput.
+        if (len(queue) == 1 or self._queued_rows[entry.key] >= self.wake_rows
+                or self._queued_bytes[entry.key] >= self.wake_bytes):
+            self.arrived.set()
+
+    def _admit_blocked(self) -> None:
+        while self._blocked:
+            entry, fut = self._blocked[0]
+            if fut.done():  # timed out or cancelled
+                self._blocked.popleft()
+                continue
+            if not self._fits(entry):
+                return
+            self._blocked.popleft()
+            self._admit(entry)
+            fut.set_result(None)
+
+    def _drop_oldest_for(self, entry: Entry) -> None:
+        while not self._fits(entry):
+            victim = self._oldest_pending()
+            if victim is None:
+                return  # everything left is in flight; nothing may be dropped
+            queue = self._queues[victim.key]
+            queue.popleft()
+            self._dequeued(victim)
+            self._finish(victim, State.FAILED, "dropped_oldest")
+
+    def _oldest_pending(self) -> Entry | None:
+        best: Entry | None = None
+        for queue in self._queues.values():
+            if queue and (best is None or queue[0].seq < best.seq):
+                best = queue[0]
+        return best
+
+    def close(self) -> None:
+        """Stops admission. Writers blocked for room get BufferClosed; queued rows stay."""
+        self._closed = True
+        while self._blocked:
+            _, fut = self._blocked.popleft()
+            if not fut.done():
+                fut.set_exception(BufferClosed("the buffer started draining while this write waited for room"))
+
+    def reopen(self) -> None:
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ----- the flusher's side ---------------------------------------------------------------
+
+    def keys(self) -> list[Key]:
+        return [k for k, q in self._queues.items() if q]
+
+    def queued(self, key: Key) -> tuple[int, int, float | None]:
+        """(rows, bytes, acceptance time of the oldest entry) waiting under ``key``."""
+        queue = self._queues.get(key)
+        oldest = queue[0].accepted_at if queue else None
+        return self._queued_rows.get(key, 0), self._queued_bytes.get(key, 0), oldest
+
+    def take(self, key: Key, max_rows: int, max_bytes: int) -> list[Entry]:
+        """Removes up to max_rows/max_bytes from the key's queue (always at least one entry)."""
+        queue = self._queues.get(key)
+        batch: list[Entry] = []
+        rows = size = 0
+        while queue:
+            head = queue[0]
+            if batch and (rows + head.rows > max_rows or size + head.size > max_bytes):
+                break
+            queue.popleft()
+            self._dequeued(head)
+            head.state = State.IN_FLIGHT
+            batch.append(head)
+            rows += head.rows
+            size += head.size
+        return batch
+
+    def _dequeued(self, entry: Entry) -> None:
+        self._queued_rows[entry.key] -= entry.rows
+        self._queued_bytes[entry.key] -= entry.size
+        if not self._queues[entry.key]:
+            del self._queues[entry.key]
+            del self._queued_rows[entry.key]
+            del self._queued_bytes[entry.key]
+
+    def release(self, batch: Iterable[Entry], committed: bool, reason: str = "") -> None:
+        """The flusher is done with a batch: committed to ClickHouse, or failed for ``reason``."""
+        for entry in batch:
+            self._finish(entry, State.COMMITTED if committed else State.FAILED, reason)
+        self._after_release()
+
+    def requeue(self, batch: list[Entry]) -> None:
+        """Puts an untried batch back at the head of its queue (oldest first, order kept)."""
+        for entry in reversed(batch):
+            entry.state = State.PENDING
+            queue = self._queues.get(entry.key)
+            if queue is None:
+                queue = self._queues[entry.key] = collections.deque()
+            queue.appendleft(entry)
+            self._queued_rows[entry.key] += entry.rows
+            self._queued_bytes[entry.key] += entry.size
+        self.arrived.set()
+
+    def fail_outstanding(self, reason: str) -> int:
+        """Marks every remaining entry failed (at exit); returns the rows affected."""
+        self._queues.clear()
+        self._queued_rows.clear()
+        self._queued_bytes.clear()
+        rows = 0
+        for entry in list(self._outstanding.values()):
+            rows += entry.rows
+            self._finish(entry, State.FAILED, reason)
+        self._after_release()
+        return rows
+
+    def _finish(self, entry: Entry, state: State, reason: str) -> None:
+        if entry.state in (State.COMMITTED, State.FAILED):
+            return
+        entry.state = state
+        entry.reason = reason
+        del self._outstanding[entry.seq]
+        self.bytes -= entry.size
+        self.rows -= entry.rows
+        c = self.counters
+        if state is State.COMMITTED:
+            c.committed_rows += entry.rows
+            c.committed_bytes += entry.size
+        else:
+            c.failed_rows[reason] += entry.rows
+        if entry.waiter is not None and not entry.waiter.done():
+            if state is State.COMMITTED:
+                entry.waiter.set_result(None)
+            else:
+                entry.waiter.set_exception(EntryFailed(reason))
+        # The payload can be large; drop it as soon as the entry is settled.
+        entry.payload = b""
+
+    def _after_release(self) -> None:
+        self._admit_blocked()
+        if self._barriers:
+            low = next(iter(self._outstanding), None)
+            still = []
+            for b in self._barriers:
+                if low is None or low > b.upto_seq:
+                    if not b.done.done():
+                        b.done.set_result(None)
+                else:
+                    still.append(b)
+            self._barriers = still
+        if not self._outstanding:
+            self.emptied.set()
+
+    # ----- barriers and introspection --------------------------------------------------------
+
+    def barrier(self) -> Barrier:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        b = Barrier(self._seq, list(self._outstanding.values()), fut)
+        if not b.entries:
+            fut.set_result(None)
+        else:
+            self._barriers.append(b)
+        return b
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest row not yet settled was accepted (0 when empty)."""
+        oldest = next(iter(self._outstanding.values()), None)
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest.accepted_at)
+
+    @property
+    def barrier_waiting(self) -> bool:
+        return bool(self._barriers)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    @property
+    def blocked_writers(self) -> int:
+        return len(self._blocked)

@@ -1,0 +1,155 @@
+"""The gRPC ingest service: checks each request, puts it in the ring, answers at its ack level."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
+from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
+from buffer.catalog import TableCatalog
+from buffer.framing import RequestError, check_request
+from buffer.ring import BufferClosed, BufferFull, Entry, EntryFailed, Ring
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "retry-after-ms"
+ACCEPTED_MESSAGES_KEY = "accepted-messages"
+
+
+class IngestService(pb_grpc.IngestServiceServicer):
+    def __init__(self, ring: Ring, catalog: TableCatalog, *, max_request_bytes: int,
+                 block_timeout: float, on_barrier: Any = None) -> None:
+        self.ring = ring
+        self.catalog = catalog
+        self.max_request_bytes = max_request_bytes
+        self.block_timeout = block_timeout
+        self.on_barrier = on_barrier  # called when a Flush starts, to wake the flusher
+        self.received_rows = 0
+        self.received_bytes = 0
+        self.received_requests = 0
+        # reason → (requests, bytes)
+        self.rejected: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+
+    # ----- shared path ----------------------------------------------------------------------
+
+    async def _accept(self, req: Any, ack: int, context: aio.ServicerContext[Any, Any]) -> Entry:
+        """Checks and buffers one request; raises RequestError for anything the client must fix."""
+        payload: bytes = req.rows
+        self.received_requests += 1
+        self.received_bytes += len(payload)
+        try:
+            checked = check_request(req.table, req.format, payload, req.row_count, self.max_request_bytes,
+                                    self.ring.max_rows)
+            self.received_rows += checked.rows
+            await self.catalog.check(checked.table)
+            entry = Entry((checked.table, checked.format), payload, checked.rows)
+            if ack == pb.ACK_LEVEL_COMMITTED:
+                entry.waiter = asyncio.get_running_loop().create_future()
+            timeout = self.block_timeout
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, max(0.0, remaining - 0.05))
+            await self.ring.put(entry, timeout)
+            return entry
+        except BufferFull as exc:
+            err = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{exc}; retry after {exc.retry_after:g}s", "buffer_full",
+                               ((RETRY_AFTER_KEY, str(int(exc.retry_after * 1000))),))
+        except BufferClosed as exc:
+            err = RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"{exc}: this replica is shutting down, send to another one", "draining")
+        except RequestError as exc:
+            err = exc
+        self.rejected[err.reason][0] += 1
+        self.rejected[err.reason][1] += len(payload)
+        raise err
+
+    @staticmethod
+    def _ack_level(raw: int) -> int:
+        if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
+            return pb.ACK_LEVEL_BUFFERED
+        if raw == pb.ACK_LEVEL_COMMITTED:
+            return pb.ACK_LEVEL_COMMITTED
+        if raw == pb.ACK_LEVEL_DURABLE:
+            raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                               "ack_level DURABLE needs the write-ahead log, which this build does not have: "
+                               "use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "ack_unimplemented")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED",
+                           "bad_ack_level")
+
+    @staticmethod
+    async def _committed(entries: list[Entry]) -> None:
+        """Waits until ClickHouse took every entry; raises RequestError(ABORTED) if any failed."""
+        failed: dict[str, int] = collections.defaultdict(int)
+        for entry in entries:
+            assert entry.waiter is not None
+            try:
+                await entry.waiter
+            except EntryFailed as exc:
+                failed[str(exc)] += entry.rows
+        if failed:
+            why = "; ".join(f"{rows} rows: {reason}" for reason, rows in failed.items())
+            raise RequestError(grpc.StatusCode.ABORTED,
+                               f"rows were accepted but did not reach ClickHouse ({why}); "
+                               "the buffer's log has the ClickHouse error", "commit_failed")
+
+    @staticmethod
+    async def _abort(context: aio.ServicerContext[Any, Any], err: RequestError) -> None:
+        if err.trailers:
+            context.set_trailing_metadata(err.trailers)
+        await context.abort(err.code, err.message)
+
+    # ----- RPCs -----------------------------------------------------------------------------
+
+    async def Write(self, request: pb.WriteRequest, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+        try:
+            ack = self._ack_level(request.ack_level)
+            entry = await self._accept(request, ack, context)
+            if ack == pb.ACK_LEVEL_COMMITTED:
+                await self._committed([entry])
+        except RequestError as err:
+            await self._abort(context, err)
+        return pb.WriteResponse(rows=entry.rows, bytes=entry.size, ack_level=ack)
+
+    async def WriteStream(self, request_iterator: AsyncIterator[pb.WriteStreamRequest],
+                          context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
+        messages = rows = size = 0
+        ack = pb.ACK_LEVEL_BUFFERED
+        waiting: list[Entry] = []
+        try:
+            async for request in request_iterator:
+                if messages == 0:
+                    ack = self._ack_level(request.ack_level)
+                try:
+                    entry = await self._accept(request, ack, context)
+                except RequestError as err:
+                    err.message = (f"message {messages + 1} of the stream: {err.message} "
+                                   f"(the {messages} messages before it, {rows} rows, were accepted)")
+                    raise
+                messages += 1
+                rows += entry.rows
+                size += entry.size
+                if entry.waiter is not None:
+                    waiting.append(entry)
+            if waiting:
+                await self._committed(waiting)
+        except RequestError as err:
+            err.trailers += ((ACCEPTED_MESSAGES_KEY, str(messages)),)
+            await self._abort(context, err)
+        return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
+
+    async def Flush(self, request: pb.FlushRequest, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
+        barrier = self.ring.barrier()
+        if self.on_barrier is not None:
+            self.on_barrier()
+        await asyncio.shield(barrier.done)
+        ok, failed = barrier.outcome()
+        return pb.FlushResponse(rows_committed=ok, rows_failed=failed)
