@@ -32,9 +32,8 @@ def free_port() -> int:
 def demo_rows(n: int) -> bytes:
     base = int(time.time())
     kinds = ("click", "view", "purchase", "signup")
-    return b"".join(
-        b'{"ts":%d,"user_id":%d,"kind":"%s","value":%d.5}\n' % (base + i // 1000, i % 997, kinds[i % 4].encode(), i % 100)
-        for i in range(n))
+    row = b'{"ts":%d,"user_id":%d,"kind":"%s","value":%d.5}\n'
+    return b"".join(row % (base + i // 1000, i % 997, kinds[i % 4].encode(), i % 100) for i in range(n))
 
 
 def run_demo(rows: int, data_dir: str) -> int:

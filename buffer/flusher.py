@@ -124,7 +124,7 @@ class Flusher(Routine):
 
     def _next_timeout(self, now: float) -> float | None:
         waits = []
-        for key in self.ring.keys():
+        for key in self.ring.queued_keys():
             if key in self._in_flight:
                 continue
             _, _, oldest = self.ring.queued(key)
@@ -140,7 +140,7 @@ class Flusher(Routine):
                 now = self.clock()
                 if self._stopping and (self.ring.outstanding == 0 or self._past_deadline()):
                     break
-                for key in self.ring.keys():
+                for key in self.ring.queued_keys():
                     if len(self._in_flight) >= self.policy.concurrency:
                         break
                     if key not in self._in_flight and self._due(key, now):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Iterable
@@ -181,10 +182,8 @@ class Ring:
             raise
 
     def _remove_blocked(self, item: tuple[Entry, asyncio.Future[None]]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._blocked.remove(item)
-        except ValueError:
-            pass
         self._admit_blocked()
 
     def _full_message(self) -> str:
@@ -262,7 +261,7 @@ class Ring:
 
     # ----- the flusher's side ---------------------------------------------------------------
 
-    def keys(self) -> list[Key]:
+    def queued_keys(self) -> list[Key]:
         return [k for k, q in self._queues.items() if q]
 
     def queued(self, key: Key) -> tuple[int, int, float | None]:

@@ -1,0 +1,48 @@
+"""The retry table: one test per class of failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from buffer.errors import PERMANENT, RETRYABLE, UNKNOWN_CODE_ATTEMPTS, classify
+from tests.fakes import ClickHouseError
+
+
+def test_tables_do_not_overlap() -> None:
+    assert not set(RETRYABLE) & set(PERMANENT)
+
+
+@pytest.mark.parametrize("code", [252, 241, 202, 159, 164, 242, 209, 210, 3])
+def test_server_pressure_and_transport_codes_are_retried(code: int) -> None:
+    f = classify(ClickHouseError(code, "X"))
+    assert f.retryable and f.code == code and f.name == RETRYABLE[code]
+
+
+@pytest.mark.parametrize("code", [27, 26, 6, 53, 16, 60, 117, 33])
+def test_data_errors_are_permanent(code: int) -> None:
+    f = classify(ClickHouseError(code, "X"))
+    assert not f.retryable and f.name == PERMANENT[code]
+
+
+@pytest.mark.parametrize("exc", [ConnectionRefusedError("refused"), TimeoutError("timed out"), OSError("reset")])
+def test_no_answer_at_all_is_retried(exc: Exception) -> None:
+    f = classify(exc)
+    assert f.retryable and f.code is None and f.name == "NETWORK"
+
+
+def test_clickhouse_connect_operational_error_is_retried() -> None:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    assert classify(OperationalError("HTTPConnectionPool: Max retries exceeded")).retryable
+
+
+def test_unknown_code_is_retried_then_given_up() -> None:
+    exc = ClickHouseError(4242, "NEW")
+    assert classify(exc, attempt=1).retryable
+    assert not classify(exc, attempt=UNKNOWN_CODE_ATTEMPTS).retryable
+
+
+def test_code_attribute_wins_over_message() -> None:
+    exc = Exception("no code in text")
+    exc.code = 252  # type: ignore[attr-defined]
+    assert classify(exc).name == "TOO_MANY_PARTS"

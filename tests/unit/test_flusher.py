@@ -1,0 +1,201 @@
+"""The flusher with a fake clock and an in-memory sink: triggers, tokens, retries, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from buffer.flusher import Flusher, FlushPolicy
+from buffer.ring import Entry, Ring, State, WhenFull
+from tests.fakes import ClickHouseError, FakeClock, MemorySink
+
+KEY = ("events", "JSONEachRow")
+
+
+def rows(n: int, key: tuple[str, str] = KEY) -> Entry:
+    return Entry(key, b'{"a":1}\n' * n, n)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Polls with a deadline (the flusher's insert runs in a thread)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+
+
+class Rig:
+    def __init__(self, policy: FlushPolicy, sink: MemorySink | None = None, capacity: int = 10_000_000) -> None:
+        self.clock = FakeClock()
+        self.ring = Ring(capacity, 1_000_000, WhenFull.REJECT, self.clock)
+        self.sink = sink or MemorySink()
+        self.flusher = Flusher(self.ring, self.sink, policy, clock=self.clock, instance="test")
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, entry: Entry) -> Entry:
+        self.ring.offer(entry)
+        return entry
+
+
+@pytest.fixture
+async def rig_factory() -> AsyncIterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(**kw: object) -> Rig:
+        policy = FlushPolicy(**{"max_rows": 100, "max_bytes": 1_000_000, "max_age": 1.0,
+                                "initial_backoff": 0.001, "max_backoff": 0.002, **kw})  # type: ignore[arg-type]
+        rig = Rig(policy)
+        rig.task = asyncio.create_task(rig.flusher.run())
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.flusher.drain(rig.clock() + 0.0)
+        await rig.flusher.stop()
+        assert rig.task is not None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(rig.task, 5)
+
+
+async def test_waits_for_age_then_flushes(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.add(rows(3))
+    await asyncio.sleep(0.05)
+    assert rig.sink.inserts == [], "young, small batch waits"
+    rig.clock.advance(1.0)
+    rig.flusher.wake()
+    await until(lambda: len(rig.sink.inserts) == 1)
+    assert rig.sink.inserts[0].payload == b'{"a":1}\n' * 3
+    assert rig.ring.rows == 0
+
+
+async def test_flushes_at_max_rows_without_waiting(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=10)
+    for _ in range(5):
+        rig.add(rows(2))
+    await until(lambda: rig.sink.rows() == 10)
+    assert len(rig.sink.inserts) == 1, "one insert of the whole batch"
+
+
+async def test_flushes_at_max_bytes(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_bytes=80)
+    for _ in range(10):
+        rig.add(rows(1))  # 8 bytes each
+    await until(lambda: rig.sink.rows() == 10)
+
+
+async def test_batches_per_table_and_format(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.add(rows(1, ("a", "JSONEachRow")))
+    rig.add(rows(1, ("a", "CSV")))
+    rig.add(rows(1, ("b", "JSONEachRow")))
+    rig.add(rows(1, ("a", "JSONEachRow")))
+    rig.clock.advance(2)
+    rig.flusher.wake()
+    await until(lambda: len(rig.sink.inserts) == 3)
+    got = sorted((i.table, i.fmt, i.payload.count(b"\n")) for i in rig.sink.inserts)
+    assert got == [("a", "CSV", 1), ("a", "JSONEachRow", 2), ("b", "JSONEachRow", 1)]
+
+
+async def test_retry_reuses_the_deduplication_token(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=1)
+    rig.sink.failures = [ClickHouseError(252, "TOO_MANY_PARTS"), TimeoutError("read timed out")]
+    rig.add(rows(1))
+    await until(lambda: len(rig.sink.inserts) == 1)
+    tokens = {a.token for a in rig.sink.attempts}
+    assert len(rig.sink.attempts) == 3 and len(tokens) == 1
+    assert rig.flusher.stats.retries == 2
+    assert rig.flusher.stats.errors == {"TOO_MANY_PARTS": 1, "NETWORK": 1}
+
+
+async def test_tokens_differ_between_batches_and_instances(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=1)
+    rig.add(rows(1))
+    rig.add(rows(1))
+    await until(lambda: len(rig.sink.inserts) == 2)
+    t1, t2 = (i.token for i in rig.sink.inserts)
+    assert t1 != t2 and t1.startswith("test-")
+    other = Flusher(Ring(10, 10, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1))
+    assert other.instance != rig.flusher.instance
+
+
+async def test_permanent_error_fails_the_batch_and_moves_on(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=1)
+    rig.sink.failures = [ClickHouseError(27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED")]
+    bad = rig.add(rows(1))
+    good = rig.add(rows(1))
+    await until(lambda: good.state is State.COMMITTED)
+    assert bad.state is State.FAILED and "CANNOT_PARSE_INPUT_ASSERTION_FAILED" in bad.reason
+    assert len(rig.sink.attempts) == 2, "a permanent error is not retried"
+
+
+async def test_unknown_code_is_retried_a_bounded_number_of_times(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=1)
+    rig.sink.failures = [ClickHouseError(12345, "NEW_ERROR")] * 10
+    e = rig.add(rows(1))
+    await until(lambda: e.state is State.FAILED)
+    assert len(rig.sink.attempts) == 5
+
+
+async def test_drain_flushes_young_batches_at_once(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.add(rows(2))
+    rig.flusher.drain(rig.clock() + 30)
+    await until(lambda: rig.sink.rows() == 2)
+
+
+async def test_barrier_flushes_at_once(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    rig.add(rows(2))
+    barrier = rig.ring.barrier()
+    rig.flusher.wake()
+    await asyncio.wait_for(barrier.done, 5)
+    assert barrier.outcome() == (2, 0)
+
+
+async def test_stop_after_deadline_reports_rows_not_flushed() -> None:
+    clock = FakeClock()
+    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
+    sink = MemorySink(failures=[ClickHouseError(210, "NETWORK_ERROR")] * 1000)
+    flusher = Flusher(ring, sink, FlushPolicy(100, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.002),
+                      clock=clock)
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(7))
+    flusher.drain(clock() + 10)
+    await until(lambda: len(sink.attempts) >= 3)
+    clock.advance(11)
+    await flusher.stop()
+    await asyncio.wait_for(task, 5)
+    assert flusher.not_flushed_rows == 7
+    assert ring.counters.failed_rows["not_flushed_before_exit"] == 7
+    assert ring.rows == 0
+
+
+async def test_backoff_grows_and_is_capped() -> None:
+    f = Flusher(Ring(1, 1, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1, initial_backoff=0.1, max_backoff=1))
+    samples = [f.backoff(attempt) for attempt in (1, 2, 3, 10) for _ in range(200)]
+    first, second, third, tenth = (samples[i * 200:(i + 1) * 200] for i in range(4))
+    assert max(first) <= 0.1 and max(second) <= 0.2 and max(third) <= 0.4 and max(tenth) <= 1.0
+    assert max(tenth) > 0.5, "jitter spreads up to the cap"
+    assert min(tenth) < 0.5, "full jitter: some retries go early"
+
+
+async def test_inserts_run_off_the_event_loop(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=1)
+    import threading
+
+    gate = threading.Event()
+    rig.sink.gate = gate
+    rig.add(rows(1))
+    # While the insert is blocked in its thread, the loop keeps running and accepting.
+    await asyncio.sleep(0.05)
+    rig.add(rows(1))
+    assert rig.ring.rows == 2
+    gate.set()
+    await until(lambda: rig.sink.rows() == 2)

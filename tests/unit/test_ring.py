@@ -1,0 +1,266 @@
+"""The ring buffer: bounds, full policies, accounting, barriers — examples and properties."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from buffer.ring import BufferClosed, BufferFull, Entry, EntryFailed, Ring, State, WhenFull
+from tests.fakes import FakeClock
+
+KEY = ("events", "JSONEachRow")
+
+
+def entry(size: int = 10, rows: int = 1, key: tuple[str, str] = KEY) -> Entry:
+    return Entry(key, b"x" * size, rows)
+
+
+async def test_offer_take_release_accounts_every_byte() -> None:
+    ring = Ring(100, 10, WhenFull.REJECT)
+    for _ in range(3):
+        ring.offer(entry(20, 2))
+    assert (ring.bytes, ring.rows) == (60, 6)
+    batch = ring.take(KEY, max_rows=4, max_bytes=1000)
+    assert [e.seq for e in batch] == [1, 2]
+    assert all(e.state is State.IN_FLIGHT for e in batch)
+    assert ring.bytes == 60, "in-flight bytes still count against the capacity"
+    ring.release(batch, committed=True)
+    assert (ring.bytes, ring.rows) == (20, 2)
+    assert ring.counters.committed_rows == 4
+
+
+async def test_reject_raises_with_retry_hint_and_keeps_contents() -> None:
+    ring = Ring(50, 100, WhenFull.REJECT)
+    ring.offer(entry(40))
+    with pytest.raises(BufferFull) as info:
+        ring.offer(entry(20))
+    assert info.value.retry_after > 0
+    assert "50 bytes" in str(info.value)
+    assert ring.bytes == 40 and ring.counters.accepted_requests == 1
+
+
+async def test_row_bound_applies_as_well_as_bytes() -> None:
+    ring = Ring(10_000, 5, WhenFull.REJECT)
+    ring.offer(entry(10, 4))
+    with pytest.raises(BufferFull):
+        ring.offer(entry(10, 2))
+
+
+async def test_drop_oldest_evicts_pending_and_counts_intentional_drops() -> None:
+    ring = Ring(30, 100, WhenFull.DROP_OLDEST)
+    first, second = entry(10), entry(10, key=("other", "CSV"))
+    first.waiter = asyncio.get_running_loop().create_future()
+    ring.offer(first)
+    ring.offer(second)
+    ring.offer(entry(10))
+    ring.offer(entry(15))  # needs 15 bytes: the two oldest go
+    assert first.state is State.FAILED and second.state is State.FAILED
+    assert ring.counters.failed_rows["dropped_oldest"] == 2
+    assert ring.bytes == 25
+    with pytest.raises(EntryFailed, match="dropped_oldest"):
+        await first.waiter
+
+
+async def test_drop_oldest_never_drops_in_flight_rows() -> None:
+    ring = Ring(20, 100, WhenFull.DROP_OLDEST)
+    ring.offer(entry(20))
+    batch = ring.take(KEY, 10, 100)
+    with pytest.raises(BufferFull):
+        ring.offer(entry(10))
+    assert batch[0].state is State.IN_FLIGHT
+
+
+async def test_block_waits_for_room_then_admits_in_order() -> None:
+    ring = Ring(30, 100, WhenFull.BLOCK)
+    ring.offer(entry(30))
+    big, small = entry(20), entry(5)
+    t_big = asyncio.create_task(ring.put(big, timeout=5))
+    await asyncio.sleep(0)
+    t_small = asyncio.create_task(ring.put(small, timeout=5))
+    await asyncio.sleep(0)
+    assert ring.blocked_writers == 2
+    ring.release(ring.take(KEY, 1, 1000), committed=True)
+    await asyncio.wait_for(asyncio.gather(t_big, t_small), 1)
+    assert big.seq < small.seq, "the writer that waited first is admitted first"
+
+
+async def test_block_times_out_with_buffer_full() -> None:
+    ring = Ring(10, 100, WhenFull.BLOCK)
+    ring.offer(entry(10))
+    with pytest.raises(BufferFull, match="waited 0.05s"):
+        await ring.put(entry(5), timeout=0.05)
+    assert ring.blocked_writers == 0
+
+
+async def test_close_refuses_and_releases_blocked_writers() -> None:
+    ring = Ring(10, 100, WhenFull.BLOCK)
+    ring.offer(entry(10))
+    waiting = asyncio.create_task(ring.put(entry(5), timeout=5))
+    await asyncio.sleep(0)
+    ring.close()
+    with pytest.raises(BufferClosed):
+        await waiting
+    with pytest.raises(BufferClosed):
+        ring.offer(entry(1))
+    assert ring.rows == 1, "rows already accepted stay to be flushed"
+
+
+async def test_committed_waiter_resolves_on_release() -> None:
+    ring = Ring(100, 100, WhenFull.REJECT)
+    e = entry()
+    e.waiter = asyncio.get_running_loop().create_future()
+    ring.offer(e)
+    ring.release(ring.take(KEY, 10, 100), committed=True)
+    await asyncio.wait_for(e.waiter, 1)
+
+
+async def test_barrier_waits_for_entries_before_it_only() -> None:
+    ring = Ring(1000, 1000, WhenFull.REJECT)
+    ring.offer(entry(rows=3))
+    ring.offer(entry(rows=4, key=("b", "CSV")))
+    barrier = ring.barrier()
+    ring.offer(entry(rows=5))  # after the barrier: not waited for
+    ring.release(ring.take(KEY, 1, 1000), committed=True)
+    assert not barrier.done.done()
+    ring.release(ring.take(("b", "CSV"), 10, 1000), committed=False, reason="rejected_by_clickhouse:X")
+    await asyncio.wait_for(barrier.done, 1)
+    assert barrier.outcome() == (3, 4)
+    assert ring.rows == 5
+
+
+async def test_barrier_on_empty_ring_is_done_at_once() -> None:
+    ring = Ring(10, 10, WhenFull.REJECT)
+    assert ring.barrier().done.done()
+
+
+async def test_requeue_puts_batch_back_in_order() -> None:
+    ring = Ring(1000, 1000, WhenFull.REJECT)
+    for _ in range(3):
+        ring.offer(entry())
+    batch = ring.take(KEY, 2, 1000)
+    ring.requeue(batch)
+    assert [e.seq for e in ring.take(KEY, 10, 1000)] == [1, 2, 3]
+
+
+async def test_fail_outstanding_reports_every_remaining_row() -> None:
+    ring = Ring(1000, 1000, WhenFull.REJECT)
+    ring.offer(entry(rows=2))
+    ring.offer(entry(rows=3))
+    ring.take(KEY, 2, 1000)
+    assert ring.fail_outstanding("not_flushed_before_exit") == 5
+    assert ring.rows == 0 and ring.bytes == 0 and ring.emptied.is_set()
+    assert ring.queued_keys() == []
+
+
+async def test_oldest_age_uses_the_clock() -> None:
+    clock = FakeClock()
+    ring = Ring(100, 100, WhenFull.REJECT, clock)
+    assert ring.oldest_age() == 0
+    ring.offer(entry())
+    clock.advance(2.5)
+    assert ring.oldest_age() == 2.5
+
+
+# ----- properties --------------------------------------------------------------------------
+
+sizes = st.integers(min_value=1, max_value=40)
+
+
+class RingMachine(RuleBasedStateMachine):
+    """Random offers, takes, releases, requeues under each policy; the books must always balance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.ring = Ring(100, 20, WhenFull.REJECT)
+        self.in_flight: list[list[Entry]] = []
+        self.accepted: dict[int, Entry] = {}
+        self.order: dict[tuple[str, str], list[int]] = {}
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    @rule(policy=st.sampled_from(list(WhenFull)))
+    def set_policy(self, policy: WhenFull) -> None:
+        self.ring.when_full = policy
+
+    @rule(size=sizes, rows=st.integers(1, 5), key=st.sampled_from([("a", "CSV"), ("b", "CSV"), ("c", "TSV")]))
+    def offer(self, size: int, rows: int, key: tuple[str, str]) -> None:
+        e = Entry(key, b"r" * size, rows)
+        try:
+            self.ring.offer(e)
+        except BufferFull:
+            assert not self.ring._fits(e) or self.ring.blocked_writers
+            return
+        self.accepted[e.seq] = e
+
+    @precondition(lambda self: self.ring.queued_keys())
+    @rule(data=st.data())
+    def take(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(self.ring.queued_keys()))
+        batch = self.ring.take(key, data.draw(st.integers(1, 10)), data.draw(st.integers(1, 80)))
+        assert batch, "take returns at least one entry"
+        seqs = [e.seq for e in batch]
+        assert seqs == sorted(seqs)
+        self.in_flight.append(batch)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(ok=st.booleans(), data=st.data())
+    def release(self, ok: bool, data: st.DataObject) -> None:
+        batch = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        self.ring.release(batch, committed=ok, reason="" if ok else "rejected_by_clickhouse:TEST")
+
+    @precondition(lambda self: self.in_flight)
+    @rule()
+    def requeue(self) -> None:
+        self.ring.requeue(self.in_flight.pop())
+
+    @invariant()
+    def within_bounds(self) -> None:
+        assert 0 <= self.ring.bytes <= self.ring.max_bytes
+        assert 0 <= self.ring.rows <= self.ring.max_rows
+
+    @invariant()
+    def books_balance(self) -> None:
+        c = self.ring.counters
+        live = [e for e in self.accepted.values() if e.state in (State.PENDING, State.IN_FLIGHT)]
+        assert c.accepted_rows == c.committed_rows + sum(c.failed_rows.values()) + self.ring.rows
+        assert self.ring.rows == sum(e.rows for e in live)
+        assert self.ring.bytes == sum(e.size for e in live)
+        assert self.ring.outstanding == len(live)
+
+    @invariant()
+    def queues_are_fifo(self) -> None:
+        for key in self.ring.queued_keys():
+            seqs = [e.seq for e in self.ring._queues[key]]
+            assert seqs == sorted(seqs)
+
+
+TestRingMachine = RingMachine.TestCase
+TestRingMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@given(st.lists(st.tuples(sizes, st.integers(1, 4)), max_size=60))
+@settings(deadline=None)
+def test_drop_oldest_keeps_newest_and_stays_bounded(items: list[tuple[int, int]]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        ring = Ring(100, 12, WhenFull.DROP_OLDEST)
+        kept: list[Entry] = []
+        for size, rows in items:
+            e = Entry(KEY, b"z" * size, rows)
+            ring.offer(e)  # never raises: nothing is in flight, so room can always be made
+            kept.append(e)
+            assert ring.bytes <= 100 and ring.rows <= 12
+        live = [e for e in kept if e.state is State.PENDING]
+        # What survives is a suffix of what was sent: only the oldest are dropped.
+        assert live == kept[len(kept) - len(live):]
+        assert ring.counters.failed_rows.get("dropped_oldest", 0) == sum(
+            e.rows for e in kept if e.state is State.FAILED)
+    finally:
+        loop.close()
