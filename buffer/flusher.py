@@ -31,6 +31,8 @@ from buffer.sink import Sink, SinkUnavailable
 
 log = logging.getLogger(__name__)
 
+DRAINING_MAX_AGE = 0.1
+
 
 @dataclass(frozen=True)
 class FlushPolicy:
@@ -113,14 +115,19 @@ class Flusher(Routine):
 
     # ----- the loop -------------------------------------------------------------------------
 
+    def _max_age(self) -> float:
+        # Draining while rows still arrive (a sidecar before SIGTERM): flush often, but not per
+        # request, or the application's last seconds would become hundreds of tiny inserts.
+        return min(self.policy.max_age, DRAINING_MAX_AGE) if self.draining else self.policy.max_age
+
     def _due(self, key: Key, now: float) -> bool:
         rows, size, oldest = self.ring.queued(key)
-        if not rows and not size:
+        if not rows:
             return False
-        if self.draining or self.ring.barrier_waiting:
+        if self.ring.barrier_waiting or (self.draining and self.ring.closed):
             return True
         p = self.policy
-        return rows >= p.max_rows or size >= p.max_bytes or (oldest is not None and now - oldest >= p.max_age)
+        return rows >= p.max_rows or size >= p.max_bytes or (oldest is not None and now - oldest >= self._max_age())
 
     def _next_timeout(self, now: float) -> float | None:
         waits = []
@@ -129,7 +136,7 @@ class Flusher(Routine):
                 continue
             _, _, oldest = self.ring.queued(key)
             if oldest is not None:
-                waits.append(oldest + self.policy.max_age - now)
+                waits.append(oldest + self._max_age() - now)
         if self.deadline is not None:
             waits.append(self.deadline - now)
         return max(0.0, min(waits)) if waits else None
@@ -220,8 +227,9 @@ class Flusher(Routine):
                         break
                     delay = self.backoff(attempt)
                     if self.deadline is not None and self.clock() + delay >= self.deadline:
-                        log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry",
-                                  table, failure.name, extra={"table": table, "rows": rows})
+                        log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
+                                  "%d rows are lost", table, failure.name, rows,
+                                  extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
                         break
                     self.stats.retries += 1
                     log.warning("insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay,

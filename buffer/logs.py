@@ -50,6 +50,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries below us log per request at INFO; keep their noise out of the flush lines.
-    for noisy in ("clickhouse_connect", "urllib3", "grpc"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Libraries below us log per request and per retry; the flusher already reports each failure
+    # once, with the table and row count, so theirs would only repeat it.
+    for noisy in ("clickhouse_connect", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, root.level))
+    logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))

@@ -38,7 +38,7 @@ class Telemetry:
     def __init__(self, service_name: str = "ingest-buffer") -> None:
         self.registry = CollectorRegistry()
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)]
         if _otlp_wanted("METRICS"):
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
@@ -53,14 +53,19 @@ class Telemetry:
             self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             log.info("exporting traces over OTLP")
         self.tracer = self.tracer_provider.get_tracer("ingest_buffer")
+        seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
         self.flush_duration = self.meter.create_histogram(
-            "ingest_buffer_flush_duration", unit="s", description="time to insert one batch, retries included")
+            "ingest_buffer_flush_duration", unit="s", description="time to insert one batch, retries included",
+            explicit_bucket_boundaries_advisory=seconds)
         self.batch_rows = self.meter.create_histogram(
-            "ingest_buffer_batch_rows", unit="{row}", description="rows per inserted batch")
+            "ingest_buffer_batch_rows", unit="{row}", description="rows per inserted batch",
+            explicit_bucket_boundaries_advisory=[1, 10, 100, 1_000, 10_000, 100_000, 1_000_000])
         self.batch_bytes = self.meter.create_histogram(
-            "ingest_buffer_batch_size", unit="By", description="bytes per inserted batch")
+            "ingest_buffer_batch_size", unit="By", description="bytes per inserted batch",
+            explicit_bucket_boundaries_advisory=[1024 * 4**i for i in range(10)])
         self.drain_duration = self.meter.create_histogram(
-            "ingest_buffer_drain_duration", unit="s", description="from the first drain signal to an empty buffer")
+            "ingest_buffer_drain_duration", unit="s", description="from the first drain signal to an empty buffer",
+            explicit_bucket_boundaries_advisory=[0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300])
 
     def observe(self, name: str, description: str, reading: Reading, *, unit: str = "1",
                 kind: str = "counter") -> None:
@@ -83,7 +88,7 @@ class Telemetry:
     def shutdown(self) -> None:
         for provider in (self.meter_provider, self.tracer_provider):
             try:
-                provider.shutdown()
+                provider.shutdown(timeout_millis=3000) if provider is self.meter_provider else provider.shutdown()
             except Exception:  # exporters failing at exit must not change the exit code
                 log.debug("telemetry shutdown failed", exc_info=True)
 

@@ -143,10 +143,22 @@ async def test_unknown_code_is_retried_a_bounded_number_of_times(rig_factory: Ca
     assert len(rig.sink.attempts) == 5
 
 
-async def test_drain_flushes_young_batches_at_once(rig_factory: Callable[..., Rig]) -> None:
+async def test_drain_flushes_young_batches_at_once_once_refusing(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
     rig.add(rows(2))
+    rig.ring.close()
     rig.flusher.drain(rig.clock() + 30)
+    await until(lambda: rig.sink.rows() == 2)
+
+
+async def test_drain_while_still_accepting_flushes_on_a_short_interval(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_age=60.0)
+    rig.flusher.drain(rig.clock() + 30)
+    rig.add(rows(2))
+    await asyncio.sleep(0.05)
+    assert rig.sink.rows() == 0, "rows arriving while a sidecar drains are still batched"
+    rig.clock.advance(0.1)
+    rig.flusher.wake()
     await until(lambda: rig.sink.rows() == 2)
 
 

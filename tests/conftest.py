@@ -1,0 +1,126 @@
+"""Shared fixtures: a real ClickHouse (embedded chDB, or CLICKHOUSE_TEST_URL) and a running buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc import aio
+
+from buffer.app import App
+from buffer.config import load
+from buffer.sink import quote_identifier
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ClickHouse:
+    """The test's view of ClickHouse: a database of its own, and a client to look inside."""
+
+    def __init__(self, url: str, database: str, client: Any) -> None:
+        self.url = url
+        self.database = database
+        self.client = client
+
+    def command(self, sql: str) -> Any:
+        return self.client.command(sql)
+
+    def count(self, table: str) -> int:
+        return int(self.client.command(f"SELECT count() FROM {quote_identifier(self.database)}.{table}"))
+
+    def create(self, table: str, columns: str = "id UInt64, s String", dedup_window: int = 1000) -> str:
+        self.command(f"CREATE TABLE {quote_identifier(self.database)}.{table} ({columns}) ENGINE = MergeTree "
+                     f"ORDER BY tuple() SETTINGS non_replicated_deduplication_window = {dedup_window}")
+        return table
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """CLICKHOUSE_TEST_URL when set (a real server); otherwise one embedded engine for the session.
+
+    chDB allows one engine path per process, so every in-process test shares this one and keeps
+    to a database of its own.
+    """
+    return os.environ.get("CLICKHOUSE_TEST_URL") or f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture
+def clickhouse(clickhouse_url: str) -> Iterator[ClickHouse]:
+    import clickhouse_connect
+
+    from buffer.config import clickhouse_target
+
+    target = clickhouse_target(clickhouse_url)
+    if target.embedded_path is not None:
+        client = clickhouse_connect.get_client(dsn="chdb://" + target.embedded_path)
+    else:
+        client = clickhouse_connect.get_client(interface=target.interface, host=target.host, port=target.port,
+                                               username=target.username, password=target.password)
+    database = f"test_{uuid.uuid4().hex[:10]}"
+    client.command(f"CREATE DATABASE {database}")
+    yield ClickHouse(clickhouse_url, database, client)
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    client.close()
+
+
+class Running:
+    def __init__(self, app: App, channel: aio.Channel) -> None:
+        self.app = app
+        self.channel = channel
+        self.exit_code: int | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.app.admin.port}"
+
+
+@pytest.fixture
+async def start_buffer(clickhouse: ClickHouse) -> AsyncIterator[Callable[..., Any]]:
+    """Starts the real buffer in this process on free ports; stops it (by draining) afterwards."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(**settings: Any) -> Running:
+        flags = {"clickhouse_url": clickhouse.url, "database": clickhouse.database,
+                 "grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "drain_timeout": "10s",
+                 "linger": "0s", "propagation_delay": "0s", **{k: str(v) for k, v in settings.items()}}
+        app = App(load(flags, env={}), signals=())
+        task = asyncio.create_task(app.run())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 20
+        while not app.ready():
+            if task.done():
+                raise RuntimeError(f"buffer exited during start with {task.result()}")
+            assert loop.time() < end, "buffer did not become ready"
+            await asyncio.sleep(0.01)
+        target = app.grpc.bound
+        channel = aio.insecure_channel(target)
+        running = Running(app, channel)
+
+        async def stop() -> None:
+            await channel.close()
+            if not task.done():
+                app.stop()
+            running.exit_code = await asyncio.wait_for(task, 30)
+
+        stack.push_async_callback(stop)
+        return running
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    return tmp_path
