@@ -48,7 +48,9 @@ def _check_config(args: argparse.Namespace) -> int:
 def _drain(args: argparse.Namespace) -> int:
     address = args.http_listen or os.environ.get(ENV_PREFIX + "HTTP_LISTEN", "127.0.0.1:8481")
     try:
-        host, port = parse_listen(address)  # type: ignore[misc]
+        listen = parse_listen(address)
+        assert not isinstance(listen, str)  # parse_listen refuses unix: here
+        host, port = listen
     except ValueError as exc:
         print(f"ingest-buffer drain: --http-listen {exc}", file=sys.stderr)
         return 2
@@ -98,7 +100,7 @@ def _send(args: argparse.Namespace) -> int:
         summary = send(target, args.table, fmt, stream, total=total, chunk_bytes=args.chunk_bytes, ack=ack,
                        row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout)
     except grpc.RpcError as exc:
-        print(f"ingest-buffer send: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"ingest-buffer send: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"ingest-buffer send: {exc}", file=sys.stderr)

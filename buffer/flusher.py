@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -154,7 +155,7 @@ class Flusher(Routine):
                         batch = self.ring.take(key, self.policy.max_rows, self.policy.max_bytes)
                         task = asyncio.create_task(self._flush(key, batch), name=f"flush {key[0]}")
                         self._in_flight[key] = task
-                        task.add_done_callback(lambda _t, k=key: self._flush_done(k))
+                        task.add_done_callback(functools.partial(self._flush_done, key))
                 self._wake.clear()
                 self.ring.arrived.clear()
                 timeout = self._next_timeout(self.clock())
@@ -167,7 +168,7 @@ class Flusher(Routine):
         finally:
             await self._finish()
 
-    def _flush_done(self, key: Key) -> None:
+    def _flush_done(self, key: Key, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(key, None)
         self.wake()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -167,7 +168,7 @@ class Supervisor:
                     break
                 started.append(routine)
                 task = asyncio.create_task(routine.run(), name=routine.name)
-                task.add_done_callback(lambda t, r=routine: self._task_done(r, t))
+                task.add_done_callback(functools.partial(self._task_done, routine))
                 self._tasks[routine] = task
                 log.debug("routine %s started", routine.name)
             else:

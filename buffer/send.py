@@ -21,13 +21,13 @@ from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
 from buffer.framing import FORMATS
 
 # file extension → format
-EXTENSIONS = {
+EXTENSIONS: dict[str, pb.Format] = {
     ".jsonl": pb.FORMAT_JSON_EACH_ROW, ".ndjson": pb.FORMAT_JSON_EACH_ROW, ".json": pb.FORMAT_JSON_EACH_ROW,
     ".csv": pb.FORMAT_CSV, ".tsv": pb.FORMAT_TSV, ".tab": pb.FORMAT_TSV,
     ".rowbinary": pb.FORMAT_ROW_BINARY, ".native": pb.FORMAT_NATIVE,
 }
 # --format spellings → format
-FORMAT_ALIASES = {
+FORMAT_ALIASES: dict[str, pb.Format] = {
     "jsoneachrow": pb.FORMAT_JSON_EACH_ROW, "json": pb.FORMAT_JSON_EACH_ROW, "jsonl": pb.FORMAT_JSON_EACH_ROW,
     "ndjson": pb.FORMAT_JSON_EACH_ROW, "jsoncompacteachrow": pb.FORMAT_JSON_COMPACT_EACH_ROW,
     "csv": pb.FORMAT_CSV, "tsv": pb.FORMAT_TSV, "tabseparated": pb.FORMAT_TSV,
@@ -35,7 +35,7 @@ FORMAT_ALIASES = {
 }
 
 
-def resolve_format(name: str | None, path: str | None) -> int:
+def resolve_format(name: str | None, path: str | None) -> pb.Format:
     if name:
         key = name.lower().replace("_", "").replace("-", "")
         if key.startswith("format"):
@@ -121,8 +121,9 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def send(target: str, table: str, fmt: int, stream: BinaryIO, *, total: int | None, chunk_bytes: int,
-         ack: int, row_count: int, flush: bool, progress: bool, timeout: float | None) -> dict[str, object]:
+def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: int | None, chunk_bytes: int,
+         ack: pb.AckLevel, row_count: int, flush: bool, progress: bool,
+         timeout: float | None) -> dict[str, object]:
     name, is_lines = FORMATS[fmt]
     bar = Progress(total, progress, started=time.monotonic())
 
@@ -140,7 +141,7 @@ def send(target: str, table: str, fmt: int, stream: BinaryIO, *, total: int | No
                                         ack_level=ack)
 
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 512 * 1024 * 1024)]) as channel:
-        stub = pb_grpc.IngestServiceStub(channel)
+        stub = pb_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = stub.WriteStream(requests(), timeout=timeout)
         finally:

@@ -39,7 +39,7 @@ class IngestService(pb_grpc.IngestServiceServicer):
 
     # ----- shared path ----------------------------------------------------------------------
 
-    async def _accept(self, req: Any, ack: int, context: aio.ServicerContext[Any, Any]) -> Entry:
+    async def _accept(self, req: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Entry:
         """Checks and buffers one request; raises RequestError for anything the client must fix."""
         payload: bytes = req.rows
         self.received_requests += 1
@@ -72,7 +72,7 @@ class IngestService(pb_grpc.IngestServiceServicer):
         raise err
 
     @staticmethod
-    def _ack_level(raw: int) -> int:
+    def _ack_level(raw: int) -> pb.AckLevel:
         if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
             return pb.ACK_LEVEL_BUFFERED
         if raw == pb.ACK_LEVEL_COMMITTED:
@@ -122,7 +122,7 @@ class IngestService(pb_grpc.IngestServiceServicer):
     async def WriteStream(self, request_iterator: AsyncIterator[pb.WriteStreamRequest],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
         messages = rows = size = 0
-        ack = pb.ACK_LEVEL_BUFFERED
+        ack: pb.AckLevel = pb.ACK_LEVEL_BUFFERED
         waiting: list[Entry] = []
         try:
             async for request in request_iterator:

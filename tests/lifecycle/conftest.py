@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,10 +81,8 @@ class Serve:
     def log_records(self) -> list[dict[str, Any]]:
         records = []
         for line in self.log().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
         return records
 
     def stop(self) -> None:

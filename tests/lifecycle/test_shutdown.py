@@ -105,7 +105,8 @@ def test_drain_flips_readiness_before_the_buffer_is_empty(serve: Callable[..., S
             stub.Write(pb.WriteRequest(table="slow", format=J, rows=jrows(range(i * 100, (i + 1) * 100))))
     assert s.http("GET", "/readyz")[1]["buffer_rows"] == 1000
     result: dict[str, Any] = {}
-    drain = threading.Thread(target=lambda: result.update(zip(("status", "body"), s.http("POST", "/drain"))))
+    drain = threading.Thread(target=lambda: result.update(zip(("status", "body"), s.http("POST", "/drain"),
+                                                              strict=True)))
     drain.start()
     seen: list[dict[str, Any]] = []
     while drain.is_alive():

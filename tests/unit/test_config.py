@@ -41,7 +41,7 @@ def test_every_error_names_the_setting_and_env_var() -> None:
 
 
 def test_cross_setting_checks() -> None:
-    with pytest.raises(ConfigError, match="max-request-bytes.*larger than --buffer-max-bytes"):
+    with pytest.raises(ConfigError, match=r"max-request-bytes.*larger than --buffer-max-bytes"):
         load({"buffer_max_bytes": "1MiB", "max_request_bytes": "2MiB", "flush_max_bytes": "1MiB"}, env={})
 
 

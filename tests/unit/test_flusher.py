@@ -179,6 +179,7 @@ async def test_stop_after_deadline_reports_rows_not_flushed() -> None:
                       clock=clock)
     task = asyncio.create_task(flusher.run())
     ring.offer(rows(7))
+    ring.close()
     flusher.drain(clock() + 10)
     await until(lambda: len(sink.attempts) >= 3)
     clock.advance(11)
