@@ -64,7 +64,7 @@ class App:
             self.ring, self.sink,
             FlushPolicy(cfg.flush_max_rows, cfg.flush_max_bytes, cfg.flush_interval, cfg.inserts_in_flight,
                         cfg.retry_initial_backoff, cfg.retry_max_backoff),
-            clock=clock, on_batch=self._record_batch)
+            clock=clock, on_batch=self._record_batch, tracer=self.telemetry.tracer)
         database = cfg.effective_database()
         self.catalog = TableCatalog(cfg.tables, None if cfg.tables else self.sink.tables, database)
         self.service = IngestService(self.ring, self.catalog, max_request_bytes=cfg.max_request_bytes,

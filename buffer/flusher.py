@@ -25,6 +25,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from buffer.errors import InsertFailure, classify
 from buffer.ring import Entry, Key, Ring
 from buffer.routines import Routine
@@ -72,13 +75,15 @@ class Flusher(Routine):
     def __init__(self, ring: Ring, sink: Sink, policy: FlushPolicy, *,
                  clock: Callable[[], float] = time.monotonic,
                  instance: str | None = None,
-                 on_batch: Callable[[BatchResult], None] | None = None) -> None:
+                 on_batch: Callable[[BatchResult], None] | None = None,
+                 tracer: trace.Tracer | None = None) -> None:
         self.ring = ring
         self.sink = sink
         self.policy = policy
         self.clock = clock
         self.instance = instance or uuid.uuid4().hex[:12]
         self.on_batch = on_batch
+        self.tracer = tracer or trace.NoOpTracer()
         self.stats = FlushStats()
         self.draining = False
         # Monotonic time after which retries stop and leftovers are reported; None = no deadline.
@@ -210,6 +215,9 @@ class Flusher(Routine):
         attempt = 0
         failure: InsertFailure | None = None
         committed = False
+        span = self.tracer.start_span("ingest_buffer.flush", attributes={
+            "db.system": "clickhouse", "db.collection.name": table, "ingest_buffer.format": fmt,
+            "ingest_buffer.rows": rows, "ingest_buffer.bytes": len(payload), "ingest_buffer.token": token})
         try:
             while True:
                 attempt += 1
@@ -255,5 +263,11 @@ class Flusher(Routine):
                 self.ring.release(batch, committed=False, reason="not_flushed_before_exit")
                 self.not_flushed_rows += rows
             # else: cancelled mid-insert at exit; _finish counts these rows via fail_outstanding.
+            span.set_attribute("ingest_buffer.attempts", attempt)
+            if not committed:
+                span.set_status(Status(StatusCode.ERROR, failure.message[:200] if failure else "cancelled at exit"))
+                if failure is not None:
+                    span.set_attribute("ingest_buffer.error", failure.name)
+            span.end()
             if self.on_batch is not None:
                 self.on_batch(BatchResult(key, rows, len(payload), attempt, seconds, committed, failure))

@@ -14,15 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
-from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
 from buffer.config import parse_listen
 from buffer.routines import Routine
-from buffer.service import IngestService
+from buffer.service import SERVICE_NAME, IngestService
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
 class GrpcServer(Routine):
@@ -51,7 +47,7 @@ class GrpcServer(Routine):
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_IngestServiceServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

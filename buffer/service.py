@@ -12,18 +12,31 @@ import grpc
 from grpc import aio
 
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
-from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
 from buffer.catalog import TableCatalog
 from buffer.framing import RequestError, check_request
 from buffer.ring import BufferClosed, BufferFull, Entry, EntryFailed, Ring
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 RETRY_AFTER_KEY = "retry-after-ms"
 ACCEPTED_MESSAGES_KEY = "accepted-messages"
 
 
-class IngestService(pb_grpc.IngestServiceServicer):
+def _parse(message_type: Any, raw: Any) -> Any:
+    """Decodes a request here rather than in gRPC, whose failure would be a bare INTERNAL."""
+    if not isinstance(raw, bytes):
+        return raw  # already a message (direct calls in tests)
+    try:
+        return message_type.FromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError, and on some inputs others
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc}): "
+                           "build it with stubs generated from ingestbuffer/v1/ingest.proto",
+                           "malformed_message") from None
+
+
+class IngestService:
     def __init__(self, ring: Ring, catalog: TableCatalog, *, max_request_bytes: int,
                  block_timeout: float, on_barrier: Any = None) -> None:
         self.ring = ring
@@ -109,8 +122,9 @@ class IngestService(pb_grpc.IngestServiceServicer):
 
     # ----- RPCs -----------------------------------------------------------------------------
 
-    async def Write(self, request: pb.WriteRequest, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+    async def Write(self, raw: bytes | pb.WriteRequest, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         try:
+            request = _parse(pb.WriteRequest, raw)
             ack = self._ack_level(request.ack_level)
             entry = await self._accept(request, ack, context)
             if ack == pb.ACK_LEVEL_COMMITTED:
@@ -119,16 +133,17 @@ class IngestService(pb_grpc.IngestServiceServicer):
             await self._abort(context, err)
         return pb.WriteResponse(rows=entry.rows, bytes=entry.size, ack_level=ack)
 
-    async def WriteStream(self, request_iterator: AsyncIterator[pb.WriteStreamRequest],
+    async def WriteStream(self, request_iterator: AsyncIterator[bytes | pb.WriteStreamRequest],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
         messages = rows = size = 0
         ack: pb.AckLevel = pb.ACK_LEVEL_BUFFERED
         waiting: list[Entry] = []
         try:
-            async for request in request_iterator:
-                if messages == 0:
-                    ack = self._ack_level(request.ack_level)
+            async for raw in request_iterator:
                 try:
+                    request = _parse(pb.WriteStreamRequest, raw)
+                    if messages == 0:
+                        ack = self._ack_level(request.ack_level)
                     entry = await self._accept(request, ack, context)
                 except RequestError as err:
                     err.message = (f"message {messages + 1} of the stream: {err.message} "
@@ -146,10 +161,23 @@ class IngestService(pb_grpc.IngestServiceServicer):
             await self._abort(context, err)
         return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
 
-    async def Flush(self, request: pb.FlushRequest, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
+    async def Flush(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
         barrier = self.ring.barrier()
         if self.on_barrier is not None:
             self.on_barrier()
         await asyncio.shield(barrier.done)
         ok, failed = barrier.outcome()
         return pb.FlushResponse(rows_committed=ok, rows_failed=failed)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers; Write and WriteStream take raw bytes (see _parse)."""
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Write": grpc.unary_unary_rpc_method_handler(
+                self.Write, request_deserializer=None, response_serializer=pb.WriteResponse.SerializeToString),
+            "WriteStream": grpc.stream_unary_rpc_method_handler(
+                self.WriteStream, request_deserializer=None,
+                response_serializer=pb.WriteStreamResponse.SerializeToString),
+            "Flush": grpc.unary_unary_rpc_method_handler(
+                self.Flush, request_deserializer=pb.FlushRequest.FromString,
+                response_serializer=pb.FlushResponse.SerializeToString),
+        })

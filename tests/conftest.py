@@ -76,9 +76,10 @@ def clickhouse(clickhouse_url: str) -> Iterator[ClickHouse]:
 
 
 class Running:
-    def __init__(self, app: App, channel: aio.Channel) -> None:
+    def __init__(self, app: App, channel: aio.Channel, task: asyncio.Task[int]) -> None:
         self.app = app
         self.channel = channel
+        self.task = task
         self.exit_code: int | None = None
 
     @property
@@ -106,7 +107,7 @@ async def start_buffer(clickhouse: ClickHouse) -> AsyncIterator[Callable[..., An
             await asyncio.sleep(0.01)
         target = app.grpc.bound
         channel = aio.insecure_channel(target)
-        running = Running(app, channel)
+        running = Running(app, channel, task)
 
         async def stop() -> None:
             await channel.close()

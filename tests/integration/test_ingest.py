@@ -155,6 +155,30 @@ async def test_bad_input_gets_a_precise_status(clickhouse: ClickHouse, start_buf
     assert clickhouse.count("t") == 1
 
 
+async def test_garbage_bytes_are_invalid_argument_not_internal(clickhouse: ClickHouse,
+                                                              start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer()
+    write = buf.channel.unary_unary("/ingestbuffer.v1.IngestService/Write")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await write(b"\xff\xff\xff\xff")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ingestbuffer.v1.WriteRequest" in (info.value.details() or "")
+    stream = buf.channel.stream_unary("/ingestbuffer.v1.IngestService/WriteStream")
+    good = pb.WriteStreamRequest(table="t", format=J, rows=jrows(0, 1)).SerializeToString()
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield good
+        yield b"\x0a\xff"  # a length that runs past the end
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream(frames())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 2 of the stream" in (info.value.details() or "")
+    await pb_grpc.IngestServiceStub(buf.channel).Flush(pb.FlushRequest())
+    assert clickhouse.count("t") == 1, "the good message before the garbage landed"
+
+
 async def test_bad_message_ends_the_stream_but_keeps_what_came_before(clickhouse: ClickHouse,
                                                                       start_buffer: Callable[..., Any]) -> None:
     clickhouse.create("t")
@@ -307,3 +331,29 @@ async def test_poison_rows_fail_a_committed_write_with_the_reason(clickhouse: Cl
     # The queue is not blocked by it.
     await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 2), ack_level=pb.ACK_LEVEL_COMMITTED))
     assert clickhouse.count("t") == 2
+
+
+async def test_a_crashed_routine_makes_the_buffer_unready_and_exit_non_zero(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer()
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 4)))
+
+    async def broken() -> None:
+        raise RuntimeError("simulated bug in a routine")
+
+    # A routine that dies on its own, as a bug would make it: the supervisor must notice.
+    from buffer.routines import PeriodicRoutine
+
+    crash = PeriodicRoutine("doomed", 3600, broken, "never logged")
+    crash.run = broken  # type: ignore[method-assign]
+    task = asyncio.create_task(crash.run())
+    task.add_done_callback(lambda t: buf.app.supervisor._task_done(crash, t))
+    await asyncio.wait([task], timeout=1)
+    await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
+    assert not buf.app.ready(), "unready at once"
+    # The process then stops (draining what it holds first) and exits non-zero: never a hang.
+    assert await asyncio.wait_for(buf.task, 20) == 1
+    assert [name for name, _ in buf.app.supervisor.crashed] == ["doomed"]
+    assert clickhouse.count("t") == 4

@@ -198,3 +198,52 @@ def test_sigint_twice_exits_at_once_and_says_what_was_lost(serve: Callable[..., 
     s.signal(signal.SIGINT)
     assert s.wait(10) == 3, s.log()
     assert any(r.get("rows_not_flushed") == 5 for r in s.log_records())
+
+
+def test_send_command_and_drain_command(serve: Callable[..., Serve], chdb_dir: Path, tmp_path: Path) -> None:
+    import json as _json
+    import subprocess
+    import sys
+
+    from tests.lifecycle.conftest import ROOT
+
+    s = serve("--clickhouse-url", f"chdb://{chdb_dir}", "--database", "app", "--linger", "0s")
+    s.wait_ready()
+    data = tmp_path / "rows.ndjson"
+    data.write_bytes(jrows(range(30_000)))
+    sent = subprocess.run([sys.executable, "-m", "buffer", "send", str(data), "--table", "events", "--target",
+                           s.target, "--flush", "--chunk-bytes", "65536"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert sent.returncode == 0, sent.stderr
+    summary = _json.loads(sent.stdout)
+    assert summary["rows"] == 30_000 and summary["messages"] > 5
+    assert summary["flushed"] == {"rows_committed": 30_000, "rows_failed": 0}
+    piped = subprocess.run([sys.executable, "-m", "buffer", "send", "--table", "events", "--format", "CSV",
+                            "--target", s.target], input=b"30000,a\n30001,b", capture_output=True, timeout=60,
+                           cwd=ROOT)
+    assert piped.returncode == 0, piped.stderr
+    bad = subprocess.run([sys.executable, "-m", "buffer", "send", str(data), "--table", "nope", "--target",
+                          s.target], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "does not exist" in bad.stderr
+    # The exec form of the preStop hook.
+    drained = subprocess.run([sys.executable, "-m", "buffer", "drain", "--http-listen", f"127.0.0.1:{s.http_port}"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert drained.returncode == 0, drained.stderr
+    assert _json.loads(drained.stdout)["drained"] is True
+    s.signal(signal.SIGTERM)
+    assert s.wait(30) == 0, s.log()
+    assert landed(chdb_dir, "events")[2] == set(range(30_002))
+
+
+def test_bad_settings_exit_2_with_the_fix(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.lifecycle.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "buffer", "serve", "--when-full", "sometimes"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "--when-full" in out.stderr and "block, reject, drop_oldest" in out.stderr
+    shown = subprocess.run([sys.executable, "-m", "buffer", "check-config", "--clickhouse-url",
+                            "https://u:topsecret@ch:8443/db"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert shown.returncode == 0 and "topsecret" not in shown.stdout and "u:***@ch:8443" in shown.stdout

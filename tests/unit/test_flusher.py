@@ -212,3 +212,30 @@ async def test_inserts_run_off_the_event_loop(rig_factory: Callable[..., Rig]) -
     assert rig.ring.rows == 2
     gate.set()
     await until(lambda: rig.sink.rows() == 2)
+
+
+async def test_each_flush_is_a_span_with_table_rows_bytes_and_attempts() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    clock = FakeClock()
+    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
+    sink = MemorySink(failures=[ClickHouseError(252, "TOO_MANY_PARTS")])
+    flusher = Flusher(ring, sink, FlushPolicy(3, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.001),
+                      clock=clock, tracer=provider.get_tracer("test"))
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(3))
+    await until(lambda: len(exporter.get_finished_spans()) == 1)
+    span = exporter.get_finished_spans()[0]
+    assert span.name == "ingest_buffer.flush"
+    attrs = dict(span.attributes or {})
+    assert attrs["db.collection.name"] == "events" and attrs["ingest_buffer.rows"] == 3
+    assert attrs["ingest_buffer.bytes"] == 24 and attrs["ingest_buffer.attempts"] == 2
+    ring.close()
+    flusher.drain(clock())
+    await flusher.stop()
+    await asyncio.wait_for(task, 5)
