@@ -344,6 +344,9 @@ class Ring:
                 entry.waiter.set_result(None)
             else:
                 entry.waiter.set_exception(EntryFailed(reason))
+                # A client that stopped waiting must not turn this into an "exception never
+                # retrieved" log line; one still awaiting gets the exception all the same.
+                entry.waiter.exception()
         # The payload can be large; drop it as soon as the entry is settled.
         entry.payload = b""
 
