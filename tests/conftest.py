@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,6 +20,8 @@ from grpc import aio
 from buffer.app import App
 from buffer.config import load
 from buffer.sink import quote_identifier
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -46,14 +51,58 @@ class ClickHouse:
         return table
 
 
-@pytest.fixture(scope="session")
-def clickhouse_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """CLICKHOUSE_TEST_URL when set (a real server); otherwise one embedded engine for the session.
+class HttpEndpoint:
+    """tests/clickhouse_http.py in its own process: ClickHouse over HTTP, backed by chDB."""
 
-    chDB allows one engine path per process, so every in-process test shares this one and keeps
-    to a database of its own.
+    def __init__(self, path: Path, user: str | None = None) -> None:
+        args = [sys.executable, "-m", "tests.clickhouse_http", "--path", str(path), "--port", "0"]
+        if user:
+            args += ["--user", user]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"the ClickHouse HTTP endpoint did not start: {err}")
+        self.port = int(json.loads(line)["listening"])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def http_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpEndpoint]:
+    endpoint = HttpEndpoint(tmp_path_factory.mktemp("chdb-http"))
+    yield endpoint
+    endpoint.stop()
+
+
+def _clickhouse_params() -> list[str]:
+    return ["server"] if os.environ.get("CLICKHOUSE_TEST_URL") else ["embedded", "http"]
+
+
+@pytest.fixture(scope="session", params=_clickhouse_params())
+def clickhouse_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where the integration tests' ClickHouse is: each test runs once per backend.
+
+    * embedded: chDB in this process (one engine path per process, so the tests share it and each
+      keeps to a database of its own);
+    * http: the production path, clickhouse-connect over HTTP to tests/clickhouse_http.py;
+    * server: CLICKHOUSE_TEST_URL, a real ClickHouse server, instead of both.
     """
-    return os.environ.get("CLICKHOUSE_TEST_URL") or f"chdb://{tmp_path_factory.mktemp('chdb')}"
+    if request.param == "server":
+        return os.environ["CLICKHOUSE_TEST_URL"]
+    if request.param == "http":
+        endpoint: HttpEndpoint = request.getfixturevalue("http_endpoint")
+        return endpoint.url
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
 
 
 @pytest.fixture
