@@ -36,6 +36,7 @@ from buffer.sink import Sink, SinkUnavailable
 log = logging.getLogger(__name__)
 
 DRAINING_MAX_AGE = 0.1
+NO_ANSWER_MAX_BACKOFF = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,10 +201,18 @@ class Flusher(Routine):
     def token(self, batch: list[Entry]) -> str:
         return f"{self.instance}-{batch[0].seq}-{batch[-1].seq}"
 
-    def backoff(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(max, initial * 2**(attempt-1))]."""
+    def backoff(self, attempt: int, failure: InsertFailure | None = None) -> float:
+        """Full jitter: uniform in [0, min(cap, initial * 2**(attempt-1))].
+
+        The cap is ``max_backoff`` for errors the server answered (it is busy: give it room), and at
+        most NO_ANSWER_MAX_BACKOFF when nothing answered: probing a server that is down costs it
+        nothing, and flushing then resumes within that long of its return.
+        """
         p = self.policy
-        return random.uniform(0, min(p.max_backoff, p.initial_backoff * 2 ** (attempt - 1)))
+        cap = p.max_backoff
+        if failure is not None and failure.code is None and failure.retryable:
+            cap = min(cap, NO_ANSWER_MAX_BACKOFF)
+        return random.uniform(0, min(cap, p.initial_backoff * 2 ** (attempt - 1)))
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key
@@ -234,7 +243,7 @@ class Flusher(Routine):
                     self.stats.last_error = failure.message
                     if not failure.retryable:
                         break
-                    delay = self.backoff(attempt)
+                    delay = self.backoff(attempt, failure)
                     if self.deadline is not None and self.clock() + delay >= self.deadline:
                         log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
                                   "%d rows are lost", table, failure.name, rows,

@@ -204,7 +204,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             parts = []
             while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                line = self.rfile.readline()
+                if not line:
+                    raise ConnectionResetError("chunked body cut")
+                size = int(line.strip().split(b";")[0], 16)
                 if size == 0:
                     self.rfile.readline()
                     break
@@ -212,7 +215,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
             raw = b"".join(parts)
         else:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if len(raw) < length:
+                # The connection broke mid-body: like ClickHouse, run nothing.
+                raise ConnectionResetError(f"body cut after {len(raw)} of {length} bytes")
         return decompress(raw, self.headers.get("Content-Encoding", ""))
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:

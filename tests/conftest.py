@@ -105,13 +105,14 @@ def clickhouse_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return f"chdb://{tmp_path_factory.mktemp('chdb')}"
 
 
-@pytest.fixture
-def clickhouse(clickhouse_url: str) -> Iterator[ClickHouse]:
+@contextlib.contextmanager
+def open_clickhouse(url: str) -> Iterator[ClickHouse]:
+    """A database of the test's own on the ClickHouse at ``url``, dropped afterwards."""
     import clickhouse_connect
 
     from buffer.config import clickhouse_target
 
-    target = clickhouse_target(clickhouse_url)
+    target = clickhouse_target(url)
     if target.embedded_path is not None:
         client = clickhouse_connect.get_client(dsn="chdb://" + target.embedded_path)
     else:
@@ -119,9 +120,17 @@ def clickhouse(clickhouse_url: str) -> Iterator[ClickHouse]:
                                                username=target.username, password=target.password)
     database = f"test_{uuid.uuid4().hex[:10]}"
     client.command(f"CREATE DATABASE {database}")
-    yield ClickHouse(clickhouse_url, database, client)
-    client.command(f"DROP DATABASE IF EXISTS {database}")
-    client.close()
+    try:
+        yield ClickHouse(url, database, client)
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.close()
+
+
+@pytest.fixture
+def clickhouse(clickhouse_url: str) -> Iterator[ClickHouse]:
+    with open_clickhouse(clickhouse_url) as ch:
+        yield ch
 
 
 class Running:

@@ -199,6 +199,16 @@ async def test_backoff_grows_and_is_capped() -> None:
     assert min(tenth) < 0.5, "full jitter: some retries go early"
 
 
+async def test_no_answer_retries_on_a_short_cap_server_errors_on_the_long_one() -> None:
+    from buffer.errors import classify
+
+    f = Flusher(Ring(1, 1, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1, initial_backoff=0.5, max_backoff=30))
+    refused = classify(ConnectionRefusedError("refused"))
+    busy = classify(ClickHouseError(252, "TOO_MANY_PARTS"))
+    assert max(f.backoff(10, refused) for _ in range(300)) <= 1.0
+    assert max(f.backoff(10, busy) for _ in range(300)) > 5.0
+
+
 async def test_inserts_run_off_the_event_loop(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(max_rows=1)
     import threading

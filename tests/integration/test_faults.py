@@ -1,0 +1,202 @@
+"""The network path under faults: ClickHouse over HTTP through a fault-injecting proxy.
+
+Every test here goes clickhouse-connect → HTTP → tests/faultproxy.py → tests/clickhouse_http.py
+(the real engine), and checks rows sent / landed / duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
+from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
+from tests.conftest import ClickHouse, HttpEndpoint, open_clickhouse
+from tests.faultproxy import FaultProxy
+
+J = pb.FORMAT_JSON_EACH_ROW
+
+
+def jrows(start: int, n: int) -> bytes:
+    return b"".join(b'{"id":%d,"s":"r"}\n' % i for i in range(start, start + n))
+
+
+@pytest.fixture
+def clickhouse(http_endpoint: HttpEndpoint) -> Iterator[ClickHouse]:
+    """These tests are about the HTTP path: always the HTTP endpoint (or CLICKHOUSE_TEST_URL's server)."""
+    import os
+
+    with open_clickhouse(os.environ.get("CLICKHOUSE_TEST_URL") or http_endpoint.url) as ch:
+        yield ch
+
+
+@pytest.fixture
+def proxy(clickhouse: ClickHouse) -> Iterator[FaultProxy]:
+    from buffer.config import clickhouse_target
+
+    target = clickhouse_target(clickhouse.url)
+    p = FaultProxy(target.host, target.port).start()
+    yield p
+    p.stop()
+
+
+needs_test_endpoint = pytest.mark.skipif(
+    bool(__import__("os").environ.get("CLICKHOUSE_TEST_URL")),
+    reason="injects server errors through tests/clickhouse_http.py, which a real server does not have")
+
+
+def endpoint_call(endpoint: HttpEndpoint, path: str) -> Any:
+    req = urllib.request.Request(endpoint.url + path, method="POST" if "faults" in path else "GET", data=None)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read()
+    return json.loads(body) if path.startswith("/__stats") else body
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def proxied(proxy: FaultProxy, clickhouse: ClickHouse) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(clickhouse.url)
+    auth = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return f"http://{auth}127.0.0.1:{proxy.port}"
+
+
+async def test_unreachable_at_start_then_flushes_once_it_appears(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    clickhouse.create("t")
+    proxy.set("refuse")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), retry_initial_backoff="50ms",
+                             flush_interval="100ms")
+    assert buf.app.ready(), "ready although ClickHouse is down: readiness follows the enabled flag"
+    assert any("not reachable at start" in r.getMessage() for r in caplog.records)
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    for i in range(5):
+        await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(i * 10, 10)))
+    await asyncio.sleep(0.5)
+    assert clickhouse.count("t") == 0 and buf.app.ring.rows == 50
+    proxy.set("pass")
+    await until(lambda: buf.app.ring.rows == 0)
+    assert clickhouse.count("t") == 50
+
+
+async def test_outage_under_load_fills_buffer_keeps_ready_and_recovers_within_2s(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject",
+                             buffer_max_bytes="64KiB", max_request_bytes="4KiB", flush_max_bytes="16KiB",
+                             flush_interval="50ms", retry_initial_backoff="50ms")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    acked: list[int] = []
+    refused = 0
+    ready_seen: set[bool] = set()
+    n = 0
+
+    async def write_for(seconds: float) -> None:
+        nonlocal n, refused
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(n * 10, 10)))
+                acked.extend(range(n * 10, n * 10 + 10))
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                refused += 1
+                await asyncio.sleep(0.01)
+            n += 1
+            ready_seen.add(buf.app.ready())
+
+    await write_for(0.5)
+    proxy.set("refuse")
+    await write_for(2.0)
+    assert refused > 0, "the buffer filled and the reject policy applied"
+    assert ready_seen == {True}, "readiness never followed ClickHouse"
+    proxy.set("pass")
+    t_recover = time.monotonic()
+    committed_before = buf.app.ring.counters.committed_rows
+    await until(lambda: buf.app.ring.counters.committed_rows > committed_before)
+    resumed = time.monotonic() - t_recover
+    assert resumed < 2.0, f"flushing resumed {resumed:.2f}s after recovery"
+    await write_for(0.3)
+    await stub.Flush(pb.FlushRequest())
+    landed = {int(r[0]) for r in clickhouse.client.query(f"SELECT id FROM {clickhouse.database}.t").result_rows}
+    assert set(acked) <= landed
+    assert clickhouse.count("t") == len(landed), "no duplicates"
+    print(f"outage: acked={len(acked)} refused_requests={refused} landed={len(landed)} resumed_in={resumed:.2f}s")
+
+
+@needs_test_endpoint
+async def test_lost_reply_after_commit_is_retried_without_duplicates(
+        clickhouse: ClickHouse, proxy: FaultProxy, http_endpoint: HttpEndpoint,
+        start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), insert_timeout="1s",
+                             retry_initial_backoff="50ms", flush_interval="50ms", tables="t")
+    proxy.set("drop_responses")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 100)))
+    await until(lambda: proxy.counters.dropped_responses >= 1 and buf.app.flusher.stats.retries >= 1)
+    proxy.set("pass")
+    await stub.Flush(pb.FlushRequest())
+    assert clickhouse.count("t") == 100, "the retry reused the token: ClickHouse dropped the duplicate"
+    stats = endpoint_call(http_endpoint, "/__stats")
+    assert stats["inserts"] >= 2, "the first attempt did reach ClickHouse and commit"
+
+
+async def test_connection_cut_mid_request_is_retried_and_lands_once(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), retry_initial_backoff="50ms",
+                             flush_interval="50ms", tables="t")
+    proxy.set("cut", cut_after=300)
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 200)))  # ~3.6 KB body
+    await until(lambda: proxy.counters.cut_requests >= 2)
+    assert clickhouse.count("t") == 0, "a cut body commits nothing"
+    proxy.set("pass")
+    await stub.Flush(pb.FlushRequest())
+    assert clickhouse.count("t") == 200
+
+
+@needs_test_endpoint
+@pytest.mark.parametrize(("code", "name"), [(252, "TOO_MANY_PARTS"), (241, "MEMORY_LIMIT_EXCEEDED"),
+                                            (202, "TOO_MANY_SIMULTANEOUS_QUERIES"), (159, "TIMEOUT_EXCEEDED"),
+                                            (164, "READONLY"), (242, "TABLE_IS_READ_ONLY")])
+async def test_retryable_server_errors_back_off_and_succeed(
+        clickhouse: ClickHouse, http_endpoint: HttpEndpoint, start_buffer: Callable[..., Any],
+        code: int, name: str) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(retry_initial_backoff="20ms", flush_interval="50ms", tables="t")
+    endpoint_call(http_endpoint, f"/__faults?code={code}&count=3")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 10)))
+    await stub.Flush(pb.FlushRequest())
+    assert clickhouse.count("t") == 10
+    assert buf.app.flusher.stats.errors.get(name) == 3 and buf.app.flusher.stats.retries == 3
+
+
+@needs_test_endpoint
+async def test_error_after_commit_does_not_duplicate(
+        clickhouse: ClickHouse, http_endpoint: HttpEndpoint, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(retry_initial_backoff="20ms", flush_interval="50ms", tables="t")
+    endpoint_call(http_endpoint, "/__faults?code=209&count=1&after=1")  # committed, then "socket timeout"
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 25)))
+    await stub.Flush(pb.FlushRequest())
+    assert clickhouse.count("t") == 25
+    assert buf.app.flusher.stats.retries == 1
