@@ -32,6 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from buffer.admin import AdminServer, json_body
 from buffer.catalog import TableCatalog
 from buffer.config import Config, parse_listen
+from buffer.deadletter import FileDeadLetters
 from buffer.flusher import BatchResult, Flusher, FlushPolicy
 from buffer.ring import Ring, WhenFull
 from buffer.routines import PeriodicRoutine, Routine, Supervisor
@@ -49,6 +50,12 @@ EXIT_ROWS_LOST = 3
 
 # Rows failed for these reasons were dropped on purpose (the configured full policy).
 INTENTIONAL = frozenset({"dropped_oldest"})
+# Rows failed for these reasons are not lost: they are on disk, in the dead-letter store.
+DEAD_LETTERED = "dead_lettered"
+
+
+def is_lost(reason: str) -> bool:
+    return reason not in INTENTIONAL and not reason.startswith(DEAD_LETTERED)
 
 
 class App:
@@ -59,12 +66,14 @@ class App:
         self.clock = clock
         self.sink: Sink = sink if sink is not None else ClickHouseSink(cfg)
         self.telemetry = Telemetry()
+        self.dead_letters = FileDeadLetters(cfg.dead_letter_dir, max_file_bytes=min(64 * 1024**2,
+                                            cfg.dead_letter_max_bytes), max_total_bytes=cfg.dead_letter_max_bytes)
         self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock)
         self.flusher = Flusher(
             self.ring, self.sink,
             FlushPolicy(cfg.flush_max_rows, cfg.flush_max_bytes, cfg.flush_interval, cfg.inserts_in_flight,
                         cfg.retry_initial_backoff, cfg.retry_max_backoff),
-            clock=clock, on_batch=self._record_batch, tracer=self.telemetry.tracer)
+            clock=clock, on_batch=self._record_batch, tracer=self.telemetry.tracer, dead_letters=self.dead_letters)
         database = cfg.effective_database()
         self.catalog = TableCatalog(cfg.tables, None if cfg.tables else self.sink.tables, database)
         self.service = IngestService(self.ring, self.catalog, max_request_bytes=cfg.max_request_bytes,
@@ -117,9 +126,11 @@ class App:
     def _exit_code(self, clean: bool) -> int:
         c = self.ring.counters
         failed = dict(c.failed_rows)
-        lost = sum(rows for reason, rows in failed.items() if reason not in INTENTIONAL)
+        lost = sum(rows for reason, rows in failed.items() if is_lost(reason))
         summary = {"rows_accepted": c.accepted_rows, "rows_committed": c.committed_rows,
                    "rows_failed": failed, "rows_lost": lost,
+                   "rows_dead_lettered": self.flusher.dead_lettered_rows,
+                   "dead_letter_rows_deleted": self.dead_letters.lost_rows,
                    "drain_seconds": None if self.drained_in is None else round(self.drained_in, 3)}
         if not clean:
             log.error("exiting after a routine crashed: %s", self.supervisor.crashed, extra=summary)
@@ -288,7 +299,11 @@ class App:
                   unit="By")
         t.observe("ingest_buffer_dropped_rows", "accepted rows that will not reach ClickHouse, by reason",
                   lambda: [(n, {"reason": r.split(":")[0], "intentional": str(r in INTENTIONAL).lower()})
-                           for r, n in list(c.failed_rows.items())], unit="{row}")
+                           for r, n in list(c.failed_rows.items()) if not r.startswith(DEAD_LETTERED)],
+                  unit="{row}")
+        t.observe("ingest_buffer_dead_lettered_rows", "rows ClickHouse refused, kept in the dead-letter store",
+                  lambda: [(n, {"error": r.split(":", 1)[1]}) for r, n in list(c.failed_rows.items())
+                           if r.startswith(DEAD_LETTERED)], unit="{row}")
         t.observe("ingest_buffer_insert_retries", "insert attempts retried", lambda: [(fl.stats.retries, {})])
         t.observe("ingest_buffer_insert_errors", "failed insert attempts, by ClickHouse error",
                   lambda: [(n, {"error": e}) for e, n in list(fl.stats.errors.items())])

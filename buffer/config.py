@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -115,6 +115,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("linger", 2.0,
             "sidecar mode: after SIGTERM, keep accepting this long for old-style sidecars' siblings",
             parse_duration),
+    Setting("dead_letter_dir", ".ingest-buffer/dead-letters",
+            "directory for rows ClickHouse refuses for good (JSON lines with the error and the raw rows)"),
+    Setting("dead_letter_max_bytes", 1024**3,
+            "size bound of the dead-letter directory; past it the oldest file goes (counted as lost)", parse_size),
     Setting("log_level", "info", "log level", choices=LOG_LEVELS),
     Setting("log_format", "auto", "log format: json, text, or auto (json when not on a terminal)",
             choices=LOG_FORMATS),
@@ -145,6 +149,8 @@ class Config:
     drain_timeout: float
     propagation_delay: float
     linger: float
+    dead_letter_dir: str
+    dead_letter_max_bytes: int
     log_level: str
     log_format: str
 
@@ -269,7 +275,8 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 _POSITIVE = ("buffer_max_bytes", "buffer_max_rows", "max_request_bytes", "flush_max_rows", "flush_max_bytes",
-             "flush_interval", "insert_timeout", "retry_initial_backoff", "retry_max_backoff", "drain_timeout")
+             "flush_interval", "insert_timeout", "retry_initial_backoff", "retry_max_backoff", "drain_timeout",
+             "dead_letter_max_bytes")
 
 
 def _validate(cfg: Config) -> None:
@@ -373,5 +380,16 @@ def clickhouse_target(url: str) -> ClickHouseTarget:
                             database=parts.path.strip("/"))
 
 
-def setting_names() -> Sequence[str]:
-    return [s.name for s in SETTINGS]
+def settings_markdown() -> str:
+    """The README's settings table: ``python -c 'import buffer.config as c; print(c.settings_markdown())'``."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        d: Any = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        if s.parse is parse_size:
+            d = f"{d // 1024**3}GiB" if d % 1024**3 == 0 else f"{d // 1024**2}MiB" if d % 1024**2 == 0 else d
+        elif isinstance(d, float):
+            d = f"{d:g}s"
+        shown = f"`{d}`" if d != "" else "(empty)"
+        meaning = s.help + (f" ({' / '.join(s.choices)})" if s.choices else "")
+        rows.append(f"| `{s.flag}` | `{s.env}` | {shown} | {meaning} |")
+    return "\n".join(rows)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from buffer.deadletter import DeadLetter, DeadLetterStore
 from buffer.errors import InsertFailure, classify
 from buffer.ring import Entry, Key, Ring
 from buffer.routines import Routine
@@ -77,7 +78,8 @@ class Flusher(Routine):
                  clock: Callable[[], float] = time.monotonic,
                  instance: str | None = None,
                  on_batch: Callable[[BatchResult], None] | None = None,
-                 tracer: trace.Tracer | None = None) -> None:
+                 tracer: trace.Tracer | None = None,
+                 dead_letters: DeadLetterStore | None = None) -> None:
         self.ring = ring
         self.sink = sink
         self.policy = policy
@@ -85,6 +87,8 @@ class Flusher(Routine):
         self.instance = instance or uuid.uuid4().hex[:12]
         self.on_batch = on_batch
         self.tracer = tracer or trace.NoOpTracer()
+        self.dead_letters = dead_letters
+        self.dead_lettered_rows = 0
         self.stats = FlushStats()
         self.draining = False
         # Monotonic time after which retries stop and leftovers are reported; None = no deadline.
@@ -214,69 +218,178 @@ class Flusher(Routine):
             cap = min(cap, NO_ANSWER_MAX_BACKOFF)
         return random.uniform(0, min(cap, p.initial_backoff * 2 ** (attempt - 1)))
 
+    async def _insert(self, table: str, fmt: str, payload: bytes, token: str, rows: int) -> tuple[
+            InsertFailure | None, int]:
+        """One payload, retried while retryable and time allows. Returns (failure or None, attempts)."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await loop.run_in_executor(self._executor, self.sink.insert, table, fmt, payload, token)
+                return None, attempt
+            except SinkUnavailable as exc:
+                return InsertFailure(False, None, str(exc)), attempt
+            except Exception as exc:
+                failure = classify(exc, attempt)
+            self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
+            self.stats.last_error = failure.message
+            if not failure.retryable:
+                return failure, attempt
+            delay = self.backoff(attempt, failure)
+            if self.deadline is not None and self.clock() + delay >= self.deadline:
+                log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
+                          "%d rows are lost", table, failure.name, rows,
+                          extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
+                return failure, attempt
+            self.stats.retries += 1
+            log.warning("insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay, attempt,
+                        failure.message[:300], extra={"table": table, "rows": rows, "code": failure.code})
+            await asyncio.sleep(delay)
+
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key
         payload = b"".join(e.payload for e in batch)
         rows = sum(e.rows for e in batch)
         token = self.token(batch)
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        attempt = 0
+        attempts = 0
         failure: InsertFailure | None = None
-        committed = False
+        settled = False
         span = self.tracer.start_span("ingest_buffer.flush", attributes={
             "db.system": "clickhouse", "db.collection.name": table, "ingest_buffer.format": fmt,
             "ingest_buffer.rows": rows, "ingest_buffer.bytes": len(payload), "ingest_buffer.token": token})
         try:
-            while True:
-                attempt += 1
-                try:
-                    await loop.run_in_executor(self._executor, self.sink.insert, table, fmt, payload, token)
-                    committed = True
-                    break
-                except SinkUnavailable as exc:
-                    failure = InsertFailure(False, None, str(exc))
-                    break
-                except Exception as exc:
-                    failure = classify(exc, attempt)
-                    self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
-                    self.stats.last_error = failure.message
-                    if not failure.retryable:
-                        break
-                    delay = self.backoff(attempt, failure)
-                    if self.deadline is not None and self.clock() + delay >= self.deadline:
-                        log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
-                                  "%d rows are lost", table, failure.name, rows,
-                                  extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
-                        break
-                    self.stats.retries += 1
-                    log.warning("insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay,
-                                attempt, failure.message[:300],
-                                extra={"table": table, "rows": rows, "code": failure.code})
-                    await asyncio.sleep(delay)
-        finally:
+            failure, attempts = await self._insert(table, fmt, payload, token, rows)
             seconds = time.monotonic() - t0
-            if committed:
+            if failure is None:
                 self.ring.release(batch, committed=True)
                 self.stats.batches += 1
                 self.stats.last_success = time.time()
                 log.info("flushed %d rows (%d bytes) into %s in %.3fs", rows, len(payload), table, seconds,
                          extra={"table": table, "format": fmt, "rows": rows, "bytes": len(payload),
-                                "attempts": attempt, "seconds": round(seconds, 4), "token": token})
-            elif failure is not None and not failure.retryable:
-                reason = f"rejected_by_clickhouse:{failure.name}"
-                self.ring.release(batch, committed=False, reason=reason)
-                log.error("ClickHouse refused %d rows for %s (%s): %s", rows, table, failure.name,
-                          failure.message[:500], extra={"table": table, "rows": rows, "code": failure.code})
-            elif failure is not None:
+                                "attempts": attempts, "seconds": round(seconds, 4), "token": token})
+            elif failure.retryable:
                 self.ring.release(batch, committed=False, reason="not_flushed_before_exit")
                 self.not_flushed_rows += rows
-            # else: cancelled mid-insert at exit; _finish counts these rows via fail_outstanding.
-            span.set_attribute("ingest_buffer.attempts", attempt)
-            if not committed:
+            else:
+                self.ring.settle(await self._isolate(key, batch, token, failure))
+            settled = True
+        finally:
+            # Not settled: cancelled mid-insert at exit; _finish counts these rows via fail_outstanding.
+            span.set_attribute("ingest_buffer.attempts", attempts)
+            if failure is not None or not settled:
                 span.set_status(Status(StatusCode.ERROR, failure.message[:200] if failure else "cancelled at exit"))
                 if failure is not None:
                     span.set_attribute("ingest_buffer.error", failure.name)
             span.end()
             if self.on_batch is not None:
-                self.on_batch(BatchResult(key, rows, len(payload), attempt, seconds, committed, failure))
+                self.on_batch(BatchResult(key, rows, len(payload), attempts, time.monotonic() - t0,
+                                          failure is None and settled, failure))
+
+    # ----- poison rows ----------------------------------------------------------------------
+
+    async def _isolate(self, key: Key, batch: list[Entry], token: str,
+                       first: InsertFailure) -> list[tuple[Entry, int, str, str]]:
+        """ClickHouse refused the batch for its data: find the bad rows by bisection, insert the
+        rest, dead-letter the bad ones. Returns each entry's outcome for Ring.settle."""
+        table, fmt = key
+        splittable = fmt in LINE_FORMATS
+        good = {id(e): 0 for e in batch}
+        bad: list[tuple[Piece, InsertFailure]] = []
+        unsent: list[Piece] = []
+        # Each group is tried as one insert; a refused group is halved, a refused single entry
+        # is cut into its rows (line formats), a refused single row is a poison row.
+        groups: list[tuple[list[Piece], InsertFailure | None]] = [
+            ([Piece(e, e.payload, e.rows, str(e.seq)) for e in batch], first)]
+        while groups:
+            group, failure = groups.pop()
+            if failure is None:
+                if self._past_deadline():
+                    unsent.extend(group)
+                    continue
+                data = b"".join(p.data for p in group)
+                rows = sum(p.rows for p in group)
+                failure, _ = await self._insert(table, fmt, data, f"{token}/{group[0].label}-{group[-1].label}", rows)
+                if failure is None:
+                    for p in group:
+                        good[id(p.entry)] += p.rows
+                    continue
+                if failure.retryable:  # the deadline came while retrying
+                    unsent.extend(group)
+                    continue
+            if len(group) > 1:
+                mid = len(group) // 2
+                groups.extend([(group[mid:], None), (group[:mid], None)])
+            elif splittable and group[0].rows > 1 and len(rows_of := split_rows(group[0], fmt)) > 1:
+                groups.append((rows_of, None))
+            else:
+                bad.append((group[0], failure))
+        return await self._dead_letter(key, batch, token, good, bad, unsent)
+
+    async def _dead_letter(self, key: Key, batch: list[Entry], token: str, good: dict[int, int],
+                           bad: list[tuple[Piece, InsertFailure]],
+                           unsent: list[Piece]) -> list[tuple[Entry, int, str, str]]:
+        table, fmt = key
+        letters = [DeadLetter(table, fmt, f.code, f.name, f.message[:2000], p.rows, token, p.data) for p, f in bad]
+        reason_of: dict[int, tuple[str, str]] = {}
+        stored = True
+        if letters and self.dead_letters is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.dead_letters.write, letters)
+            except Exception as exc:
+                stored = False
+                log.error("could not write %d dead letters for %s: %s", len(letters), table, exc,
+                          extra={"table": table, "rows_lost": sum(p.rows for p, _ in bad)})
+        elif letters:
+            stored = False
+        for p, f in bad:
+            where = "dead_lettered" if stored else "rejected_by_clickhouse"
+            reason_of.setdefault(id(p.entry), (f"{where}:{f.name}", f.message[:500]))
+        for p in unsent:
+            reason_of.setdefault(id(p.entry), ("not_flushed_before_exit", "the drain deadline passed"))
+            self.not_flushed_rows += p.rows
+        bad_rows = sum(p.rows for p, _ in bad)
+        good_rows = sum(good.values())
+        self.dead_lettered_rows += bad_rows if stored else 0
+        if bad:
+            sample = bad[0][1]
+            log.error("ClickHouse refused %d of %d rows for %s (%s: %s); %d good rows inserted, the bad ones %s",
+                      bad_rows, good_rows + bad_rows + sum(p.rows for p in unsent), table, sample.name,
+                      sample.message[:300], good_rows,
+                      "written to the dead-letter store" if stored else "are lost",
+                      extra={"table": table, "rows_dead_lettered": bad_rows if stored else 0,
+                             "rows_lost": 0 if stored else bad_rows, "code": sample.code, "token": token})
+        return [(e, good[id(e)], *reason_of.get(id(e), ("", ""))) for e in batch]
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of an entry sent on its own while isolating poison rows."""
+
+    entry: Entry
+    data: bytes
+    rows: int
+    label: str  # stable within the batch, for deterministic deduplication tokens
+
+
+LINE_FORMATS = frozenset({"JSONEachRow", "JSONCompactEachRow", "CSV", "TabSeparated"})
+
+
+def split_rows(piece: Piece, fmt: str) -> list[Piece]:
+    """Cuts a line-format piece into single rows (CSV: never inside a quoted field)."""
+    rows: list[bytes] = []
+    start = 0
+    data = piece.data
+    quotes = 0
+    for i, byte in enumerate(data):
+        if fmt == "CSV" and byte == 0x22:
+            quotes += 1
+        elif byte == 0x0A and quotes % 2 == 0:
+            rows.append(data[start:i + 1])
+            start = i + 1
+    if start < len(data):
+        rows.append(data[start:])
+    if len(rows) != piece.rows:
+        return [piece]  # lines are not rows here (pretty-printed JSON…): it stays whole
+    return [Piece(piece.entry, r, 1, f"{piece.label}.{n}") for n, r in enumerate(rows)]

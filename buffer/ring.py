@@ -48,6 +48,7 @@ class Entry:
     accepted_at: float = 0.0
     state: State = State.PENDING
     reason: str = ""
+    committed_rows: int = 0  # of ``rows``, once settled: all of them, none, or (poison rows) some
     # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
     waiter: asyncio.Future[None] | None = None
 
@@ -94,9 +95,9 @@ class Barrier:
 
     def outcome(self) -> tuple[int, int]:
         """(rows committed, rows failed) among the entries the barrier covered."""
-        ok = sum(e.rows for e in self.entries if e.state is State.COMMITTED)
-        failed = sum(e.rows for e in self.entries if e.state is State.FAILED)
-        return ok, failed
+        settled = [e for e in self.entries if e.state in (State.COMMITTED, State.FAILED)]
+        ok = sum(e.committed_rows for e in settled)
+        return ok, sum(e.rows for e in settled) - ok
 
 
 class Ring:
@@ -301,6 +302,15 @@ class Ring:
             self._finish(entry, State.COMMITTED if committed else State.FAILED, reason)
         self._after_release()
 
+    def settle(self, outcomes: Iterable[tuple[Entry, int, str, str]]) -> None:
+        """Per-entry outcomes of a batch: (entry, rows committed, reason for the others, detail)."""
+        for entry, committed_rows, reason, detail in outcomes:
+            if committed_rows >= entry.rows:
+                self._finish(entry, State.COMMITTED, "")
+            else:
+                self._finish(entry, State.FAILED, reason, committed_rows, detail)
+        self._after_release()
+
     def requeue(self, batch: list[Entry]) -> None:
         """Puts an untried batch back at the head of its queue (oldest first, order kept)."""
         for entry in reversed(batch):
@@ -325,25 +335,28 @@ class Ring:
         self._after_release()
         return rows
 
-    def _finish(self, entry: Entry, state: State, reason: str) -> None:
+    def _finish(self, entry: Entry, state: State, reason: str, committed_rows: int = 0, detail: str = "") -> None:
         if entry.state in (State.COMMITTED, State.FAILED):
             return
         entry.state = state
         entry.reason = reason
+        entry.committed_rows = entry.rows if state is State.COMMITTED else committed_rows
         del self._outstanding[entry.seq]
         self.bytes -= entry.size
         self.rows -= entry.rows
         c = self.counters
+        c.committed_rows += entry.committed_rows
         if state is State.COMMITTED:
-            c.committed_rows += entry.rows
             c.committed_bytes += entry.size
         else:
-            c.failed_rows[reason] += entry.rows
+            c.failed_rows[reason] += entry.rows - entry.committed_rows
         if entry.waiter is not None and not entry.waiter.done():
             if state is State.COMMITTED:
                 entry.waiter.set_result(None)
             else:
-                entry.waiter.set_exception(EntryFailed(reason))
+                failed = entry.rows - entry.committed_rows
+                entry.waiter.set_exception(EntryFailed(
+                    f"{failed} of {entry.rows} rows {reason}" + (f": {detail}" if detail else "")))
                 # A client that stopped waiting must not turn this into an "exception never
                 # retrieved" log line; one still awaiting gets the exception all the same.
                 entry.waiter.exception()

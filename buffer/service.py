@@ -101,18 +101,19 @@ class IngestService:
     @staticmethod
     async def _committed(entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises RequestError(ABORTED) if any failed."""
-        failed: dict[str, int] = collections.defaultdict(int)
+        failed: list[str] = []
         for entry in entries:
             assert entry.waiter is not None
             try:
                 await entry.waiter
             except EntryFailed as exc:
-                failed[str(exc)] += entry.rows
+                failed.append(str(exc))
         if failed:
-            why = "; ".join(f"{rows} rows: {reason}" for reason, rows in failed.items())
+            more = f" (and {len(failed) - 3} more requests)" if len(failed) > 3 else ""
             raise RequestError(grpc.StatusCode.ABORTED,
-                               f"rows were accepted but did not reach ClickHouse ({why}); "
-                               "the buffer's log has the ClickHouse error", "commit_failed")
+                               "rows were accepted but did not all reach ClickHouse: " + "; ".join(failed[:3]) + more
+                               + ". Dead-lettered rows are in the buffer's dead-letter store with ClickHouse's error",
+                               "commit_failed")
 
     @staticmethod
     async def _abort(context: aio.ServicerContext[Any, Any], err: RequestError) -> None:

@@ -146,14 +146,15 @@ class Running:
 
 
 @pytest.fixture
-async def start_buffer(clickhouse: ClickHouse) -> AsyncIterator[Callable[..., Any]]:
+async def start_buffer(clickhouse: ClickHouse, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Starts the real buffer in this process on free ports; stops it (by draining) afterwards."""
     stack = contextlib.AsyncExitStack()
 
     async def start(**settings: Any) -> Running:
         flags = {"clickhouse_url": clickhouse.url, "database": clickhouse.database,
                  "grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "drain_timeout": "10s",
-                 "linger": "0s", "propagation_delay": "0s", **{k: str(v) for k, v in settings.items()}}
+                 "linger": "0s", "propagation_delay": "0s", "dead_letter_dir": str(tmp_path / "dead-letters"),
+                 **{k: str(v) for k, v in settings.items()}}
         app = App(load(flags, env={}), signals=())
         task = asyncio.create_task(app.run())
         loop = asyncio.get_running_loop()

@@ -327,7 +327,8 @@ async def test_poison_rows_fail_a_committed_write_with_the_reason(clickhouse: Cl
         await stub.Write(pb.WriteRequest(table="t", format=J, rows=b'{"id":"not a number"}\n',
                                          ack_level=pb.ACK_LEVEL_COMMITTED))
     assert info.value.code() == grpc.StatusCode.ABORTED
-    assert "did not reach ClickHouse" in (info.value.details() or "")
+    details = info.value.details() or ""
+    assert "1 of 1 rows dead_lettered:" in details and "Cannot parse input" in details
     # The queue is not blocked by it.
     await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 2), ack_level=pb.ACK_LEVEL_COMMITTED))
     assert clickhouse.count("t") == 2
@@ -357,3 +358,28 @@ async def test_a_crashed_routine_makes_the_buffer_unready_and_exit_non_zero(
     assert await asyncio.wait_for(buf.task, 20) == 1
     assert [name for name, _ in buf.app.supervisor.crashed] == ["doomed"]
     assert clickhouse.count("t") == 4
+
+
+async def test_poison_rows_are_dead_lettered_and_the_rest_land(clickhouse: ClickHouse, tmp_path: Any,
+                                                               start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(flush_interval="1h")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    for i in range(10):
+        rows = jrows(i * 100, 100)
+        if i in (2, 7):
+            rows = rows.replace(b'{"id":%d,' % (i * 100 + 50), b'{"id":"not a number",')
+        await stub.Write(pb.WriteRequest(table="t", format=J, rows=rows))
+    done = await stub.Flush(pb.FlushRequest())
+    assert (done.rows_committed, done.rows_failed) == (998, 2)
+    assert clickhouse.count("t") == 998
+    records = [json.loads(line) for p in sorted((tmp_path / "dead-letters").glob("*.jsonl"))
+               for line in p.read_text().splitlines()]
+    assert len(records) == 2 and all(r["table"] == "t" and r["code"] for r in records)
+    assert all('"not a number"' in r["data"] for r in records)
+    _, text = await http_get(buf.http + "/metrics")
+    assert any(line.startswith("ingest_buffer_dead_lettered_rows_total") and line.endswith(" 2.0")
+               for line in text.splitlines())
+    # Dead letters are on disk, not lost: the process exits 0.
+    buf.app.stop()
+    assert await asyncio.wait_for(buf.task, 30) == 0

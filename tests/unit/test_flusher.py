@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from buffer.flusher import Flusher, FlushPolicy
-from buffer.ring import Entry, Ring, State, WhenFull
-from tests.fakes import ClickHouseError, FakeClock, MemorySink
+from buffer.ring import Entry, EntryFailed, Ring, State, WhenFull
+from tests.fakes import ClickHouseError, FakeClock, Insert, MemorySink
 
 KEY = ("events", "JSONEachRow")
 
@@ -249,3 +250,89 @@ async def test_each_flush_is_a_span_with_table_rows_bytes_and_attempts() -> None
     flusher.drain(clock())
     await flusher.stop()
     await asyncio.wait_for(task, 5)
+
+
+class PoisonSink(MemorySink):
+    """Refuses, like ClickHouse's parser, any payload holding a row with b"bad" in it."""
+
+    def insert(self, table: str, fmt: str, payload: bytes, token: str) -> None:
+        if b"bad" in payload:
+            with self.lock:
+                self.attempts.append(Insert(table, fmt, payload, token))
+            raise ClickHouseError(27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED")
+        super().insert(table, fmt, payload, token)
+
+
+class ListStore:
+    def __init__(self) -> None:
+        self.letters: list[Any] = []
+
+    def write(self, letters: list[Any]) -> None:
+        self.letters.extend(letters)
+
+
+async def run_poison(payloads: list[bytes], *, waiters: bool = False) -> tuple[PoisonSink, ListStore, list[Entry]]:
+    clock = FakeClock()
+    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
+    sink, store = PoisonSink(), ListStore()
+    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
+                      dead_letters=store)
+    entries = []
+    for p in payloads:
+        e = Entry(KEY, p, p.count(b"\n"))
+        if waiters:
+            e.waiter = asyncio.get_running_loop().create_future()
+        ring.offer(e)
+        entries.append(e)
+    task = asyncio.create_task(flusher.run())
+    ring.close()
+    flusher.drain(clock() + 60)
+    await flusher.stop()
+    await asyncio.wait_for(task, 10)
+    return sink, store, entries
+
+
+async def test_poison_rows_are_isolated_good_rows_land_bad_rows_dead_lettered() -> None:
+    good = [b'{"a":%d}\n' % i for i in range(100)]
+    payloads = [b"".join(good[i:i + 10]) for i in range(0, 100, 10)]
+    payloads[3] = payloads[3].replace(b'{"a":33}', b'{"a":"bad"}')
+    payloads[7] = payloads[7].replace(b'{"a":70}', b'{"a":"bad70"}')
+    sink, store, entries = await run_poison(payloads)
+    assert sink.rows() == 98
+    assert sorted(letter.payload for letter in store.letters) == [b'{"a":"bad"}\n', b'{"a":"bad70"}\n']
+    assert all(letter.code == 27 and letter.rows == 1 for letter in store.letters)
+    assert entries[3].committed_rows == 9 and entries[3].reason.startswith("dead_lettered:")
+    assert entries[0].state is State.COMMITTED
+    # Bisection, not one insert per row: far fewer attempts than rows.
+    assert len(sink.attempts) < 40
+
+
+async def test_isolation_tokens_are_deterministic() -> None:
+    payloads = [b'{"a":1}\n{"a":"bad"}\n', b'{"a":2}\n']
+    first, _, _ = await run_poison(payloads)
+    second, _, _ = await run_poison(payloads)
+    assert [a.token for a in first.attempts] == [a.token for a in second.attempts]
+    assert len({a.token for a in first.attempts}) == len(first.attempts), "each sub-insert has its own token"
+
+
+async def test_committed_waiter_hears_its_rows_were_dead_lettered_and_why() -> None:
+    _, _, entries = await run_poison([b'{"a":"bad"}\n{"a":1}\n', b'{"a":2}\n'], waiters=True)
+    assert entries[0].waiter is not None and entries[1].waiter is not None
+    with pytest.raises(EntryFailed, match=r"1 of 2 rows dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED: Code: 27"):
+        await entries[0].waiter
+    await entries[1].waiter
+
+
+async def test_binary_entries_are_dead_lettered_whole() -> None:
+    clock = FakeClock()
+    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
+    sink, store = PoisonSink(), ListStore()
+    flusher = Flusher(ring, sink, FlushPolicy(100, 10_000, 1.0), clock=clock, dead_letters=store)
+    ring.offer(Entry(("t", "RowBinary"), b"\x01bad\x02", 5))
+    ring.offer(Entry(("t", "RowBinary"), b"\x01ok\x02", 4))
+    task = asyncio.create_task(flusher.run())
+    ring.close()
+    flusher.drain(clock() + 60)
+    await flusher.stop()
+    await asyncio.wait_for(task, 10)
+    assert [letter.rows for letter in store.letters] == [5] and sink.rows() == 0 and len(sink.inserts) == 1

@@ -1,0 +1,109 @@
+"""Where rows that ClickHouse refuses for good go: local files, rotated and bounded.
+
+One JSON object per line and per refused piece: when, table, format, ClickHouse error code, name
+and message, row count, the deduplication token of the batch, and the raw bytes (as text when
+they are UTF-8, else base64) — enough to fix the data and replay it with ``ingest-buffer send``.
+Files rotate at ``max_file_bytes``; when the directory grows past ``max_total_bytes`` the oldest
+file is deleted and its rows are counted and logged as lost, so the store never fills the disk and
+never loses rows silently. Synchronous: it runs in the flusher's worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    table: str
+    format: str
+    code: int | None
+    error: str
+    message: str
+    rows: int
+    token: str
+    payload: bytes
+
+
+class DeadLetterStore(Protocol):
+    def write(self, letters: list[DeadLetter]) -> None:
+        """Stores the letters durably or raises."""
+
+
+class FileDeadLetters:
+    PREFIX = "dead-letters-"
+
+    def __init__(self, directory: str, max_file_bytes: int = 64 * 1024**2, max_total_bytes: int = 1024**3) -> None:
+        self.directory = Path(directory)
+        self.max_file_bytes = max_file_bytes
+        self.max_total_bytes = max_total_bytes
+        self.lost_rows = 0
+        self._lock = threading.Lock()
+        self._current: Path | None = None
+        self._seq = 0
+
+    def write(self, letters: list[DeadLetter]) -> None:
+        lines = [self._encode(letter) for letter in letters]
+        data = b"".join(lines)
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self._file_for(len(data))
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._enforce_total()
+
+    @staticmethod
+    def _encode(letter: DeadLetter) -> bytes:
+        record: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "table": letter.table,
+            "format": letter.format, "code": letter.code, "error": letter.error, "message": letter.message,
+            "rows": letter.rows, "token": letter.token,
+        }
+        try:
+            record["data"] = letter.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            record["data_base64"] = base64.b64encode(letter.payload).decode()
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+
+    def _file_for(self, size: int) -> Path:
+        cur = self._current
+        if cur is None or not cur.exists() or cur.stat().st_size + size > self.max_file_bytes:
+            self._seq += 1
+            cur = self.directory / f"{self.PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._seq}.jsonl"
+            self._current = cur
+        return cur
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob(f"{self.PREFIX}*.jsonl"), key=lambda p: p.stat().st_mtime)
+
+    def _enforce_total(self) -> None:
+        files = self.files()
+        total = sum(p.stat().st_size for p in files)
+        while total > self.max_total_bytes and len(files) > 1:
+            oldest = files.pop(0)
+            rows = 0
+            with open(oldest, "rb") as f:
+                for line in f:
+                    try:
+                        rows += int(json.loads(line).get("rows", 0))
+                    except (ValueError, AttributeError):
+                        continue
+            total -= oldest.stat().st_size
+            oldest.unlink()
+            self.lost_rows += rows
+            log.error("dead-letter store over %d bytes: deleted %s with %d rows; they are lost",
+                      self.max_total_bytes, oldest.name, rows, extra={"rows_lost": rows})
