@@ -31,6 +31,7 @@ from grpc_health.v1._async import HealthServicer
 
 from buffer.admin import AdminServer, json_body
 from buffer.catalog import TableCatalog
+from buffer.checks import Finding, startup_checks
 from buffer.config import Config, parse_listen
 from buffer.deadletter import FileDeadLetters
 from buffer.flusher import BatchResult, Flusher, FlushPolicy
@@ -115,13 +116,23 @@ class App:
         if not self.cfg.tables:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.catalog.refresh(), 10.0)
-        if self.catalog.reachable is False:
-            log.warning("ClickHouse is not reachable at start; accepting rows (up to the buffer's capacity) "
-                        "and flushing once it answers")
+        await self.run_startup_checks()
         clean = await self.supervisor.run()
         self.telemetry.shutdown()
         self.sink.close()
         return self._exit_code(clean)
+
+    async def run_startup_checks(self) -> list[Finding]:
+        user = self.cfg.targets()[0].username if not self.cfg.is_embedded else ""
+        try:
+            findings = await asyncio.wait_for(asyncio.to_thread(
+                startup_checks, self.sink, self.cfg.effective_database(), self.cfg.tables, user), 15.0)
+        except TimeoutError:
+            findings = [Finding("warning", "ClickHouse did not answer the startup checks within 15s; rows are "
+                                           "accepted up to the buffer's capacity and flushed once it answers")]
+        for f in findings:
+            (log.error if f.level == "error" else log.warning)(f.message, extra={"check": "startup"})
+        return findings
 
     def _exit_code(self, clean: bool) -> int:
         c = self.ring.counters

@@ -42,7 +42,22 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"ingest-buffer: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.masked(), indent=2))
-    return 0
+    if not args.connect:
+        return 0
+    from buffer.checks import startup_checks
+    from buffer.sink import ClickHouseSink
+
+    sink = ClickHouseSink(cfg)
+    try:
+        user = cfg.targets()[0].username if not cfg.is_embedded else ""
+        findings = startup_checks(sink, cfg.effective_database(), cfg.tables, user)
+    finally:
+        sink.close()
+    for f in findings:
+        print(f, file=sys.stderr)
+    if not findings:
+        print("ClickHouse: reachable, tables and deduplication settings look right", file=sys.stderr)
+    return 1 if any(f.level == "error" for f in findings) else 0
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -132,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the settings and print them (secrets masked)",
                            epilog=EPILOG)
     add_arguments(check)
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to ClickHouse and check the tables and their deduplication settings")
     check.set_defaults(func=_check_config)
 
     drain = sub.add_parser("drain", help="start a drain and wait for it (for an exec preStop hook)")

@@ -84,8 +84,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_listen", "127.0.0.1:8481",
             "HTTP admin listen address (probes, /drain, /metrics): HOST:PORT"),
     Setting("clickhouse_url", "chdb://.ingest-buffer/chdb",
-            "ClickHouse: http(s)://user:pass@host:port/db for a server, chdb:///abs/path or "
-            "chdb://relative/path for the embedded engine", secret=True),
+            "ClickHouse: http(s)://user:pass@host:port/db for a server (several replicas: comma-separated, "
+            "with failover), chdb:///abs/path or chdb://relative/path for the embedded engine", secret=True),
+    Setting("clickhouse_user", "", "ClickHouse user (default: from the URL, else 'default')"),
+    Setting("clickhouse_password", "", "ClickHouse password (default: from the URL)", secret=True),
+    Setting("clickhouse_password_file", "",
+            "file holding the ClickHouse password (a mounted Kubernetes Secret); trailing newline ignored"),
+    Setting("clickhouse_ca_file", "", "CA bundle to verify a https:// ClickHouse server's certificate"),
+    Setting("clickhouse_compression", "lz4", "compression of insert bodies sent to a server",
+            choices=("lz4", "zstd", "gzip", "none")),
     Setting("database", "",
             "database for the tables; overrides the one in the URL (default: from the URL, else 'default')"),
     Setting("tables", (), "comma-separated allowlist of tables; empty = any existing table", parse_list),
@@ -131,6 +138,11 @@ class Config:
     grpc_listen: str
     http_listen: str
     clickhouse_url: str
+    clickhouse_user: str
+    clickhouse_password: str
+    clickhouse_password_file: str
+    clickhouse_ca_file: str
+    clickhouse_compression: str
     database: str
     tables: tuple[str, ...]
     mode: str
@@ -168,10 +180,23 @@ class Config:
         if self.database:
             return self.database
         if not self.is_embedded:
-            path = urlsplit(self.clickhouse_url).path.strip("/")
+            path = urlsplit(self.clickhouse_url.split(",")[0].strip()).path.strip("/")
             if path:
                 return path
         return "default"
+
+    def targets(self) -> list[ClickHouseTarget]:
+        """The ClickHouse endpoints, with credentials from the settings over those in the URLs."""
+        out = []
+        for url in self.clickhouse_url.split(","):
+            t = clickhouse_target(url.strip())
+            if t.embedded_path is None:
+                password = self.clickhouse_password or t.password
+                if self.clickhouse_password_file:
+                    password = Path(self.clickhouse_password_file).read_text().rstrip("\r\n")
+                t = dataclasses.replace(t, username=self.clickhouse_user or t.username, password=password)
+            out.append(t)
+        return out
 
     def masked(self) -> dict[str, Any]:
         """The effective config with secrets (URL passwords) masked, for printing."""
@@ -179,7 +204,7 @@ class Config:
         for s in SETTINGS:
             value = getattr(self, s.name)
             if s.name == "clickhouse_url":
-                value = mask_url(value)
+                value = ",".join(mask_url(u.strip()) for u in value.split(","))
             elif s.secret and value:
                 value = "***"
             out[s.name] = list(value) if isinstance(value, tuple) else value
@@ -303,10 +328,17 @@ def _validate(cfg: Config) -> None:
             parse_listen(getattr(cfg, name), allow_unix=name == "grpc_listen")
         except ValueError as exc:
             bad(name, str(exc))
+    urls = [u.strip() for u in cfg.clickhouse_url.split(",")]
     try:
-        clickhouse_target(cfg.clickhouse_url)
+        kinds = {clickhouse_target(u).embedded_path is None for u in urls}
+        if len(urls) > 1 and False in kinds:
+            bad("clickhouse_url", "the embedded engine (chdb://) takes one path, not a list of endpoints")
     except ValueError as exc:
         bad("clickhouse_url", str(exc))
+    if cfg.clickhouse_password_file and not os.path.isfile(cfg.clickhouse_password_file):
+        bad("clickhouse_password_file", f"{cfg.clickhouse_password_file} does not exist or is not a file")
+    if cfg.clickhouse_ca_file and not os.path.isfile(cfg.clickhouse_ca_file):
+        bad("clickhouse_ca_file", f"{cfg.clickhouse_ca_file} does not exist or is not a file")
     for table in cfg.tables:
         if not valid_table_name(table):
             bad("tables", f"{table!r} is not a table name (letters, digits, _ and $; not starting with a digit)")

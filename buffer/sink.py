@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from buffer.config import ClickHouseTarget, Config, clickhouse_target
+from buffer.config import ClickHouseTarget, Config
+from buffer.errors import error_code
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,9 @@ class Sink(Protocol):
     def tables(self) -> set[str]:
         """Names of the tables in the configured database."""
 
+    def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Runs a read-only query (startup checks)."""
+
     def close(self) -> None: ...
 
 
@@ -38,33 +44,97 @@ def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
-class ClickHouseSink:
-    """A clickhouse-connect client per worker thread, created on first use.
+class Endpoint:
+    """One ClickHouse server (a replica) and what the sink has seen of its health."""
 
-    Created lazily so the buffer starts (and accepts rows) while ClickHouse is unreachable.
+    def __init__(self, target: ClickHouseTarget) -> None:
+        self.target = target
+        self.name = f"{target.host}:{target.port}" if target.embedded_path is None else "chdb"
+        self.down_until = 0.0
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.down_until = 0.0
+
+    def failed(self, now: float) -> None:
+        # Passive health: after a failure with no answer, other replicas are preferred for a while
+        # that grows with repeated failures (1, 2, 4 … 30 s), then this one is tried again.
+        self.failures += 1
+        self.down_until = now + min(30.0, 2.0 ** (self.failures - 1))
+
+    @property
+    def healthy(self) -> bool:
+        return self.down_until <= time.monotonic()
+
+
+class ClickHouseSink:
+    """clickhouse-connect clients, one per worker thread and endpoint, created on first use.
+
+    Created lazily so the buffer starts (and accepts rows) while ClickHouse is unreachable. With
+    several endpoints (replicas of the same Replicated tables, so that a retry's deduplication
+    token works wherever it lands) inserts stick to the last endpoint that worked, and move to
+    another when it stops answering.
     """
 
     def __init__(self, cfg: Config) -> None:
-        self.target: ClickHouseTarget = clickhouse_target(cfg.clickhouse_url)
+        self.endpoints = [Endpoint(t) for t in cfg.targets()]
         self.database = cfg.effective_database()
         self.insert_timeout = cfg.insert_timeout
+        self.ca_file = cfg.clickhouse_ca_file or None
+        self.compression = None if cfg.clickhouse_compression == "none" else cfg.clickhouse_compression
+        self._preferred = 0
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
 
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
+    @property
+    def target(self) -> ClickHouseTarget:
+        return self.endpoints[0].target
+
+    def _choose(self) -> Endpoint:
+        preferred = self.endpoints[self._preferred]
+        if preferred.healthy:
+            return preferred
+        healthy = [e for e in self.endpoints if e.healthy]
+        if healthy:
+            return healthy[0]
+        return min(self.endpoints, key=lambda e: e.down_until)
+
+    def _client(self, endpoint: Endpoint) -> Any:
+        clients: dict[str, Any] | None = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(endpoint.name)
         if client is None:
-            client = self._connect()
-            self._local.client = client
+            client = self._connect(endpoint.target)
+            clients[endpoint.name] = client
             with self._lock:
                 self._clients.append(client)
         return client
 
-    def _connect(self) -> Any:
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        endpoint = self._choose()
+        try:
+            result = fn(self._client(endpoint))
+        except SinkUnavailable:
+            raise
+        except Exception as exc:
+            if error_code(exc) is None:  # no answer at all: this endpoint is unhealthy
+                endpoint.failed(time.monotonic())
+                if len(self.endpoints) > 1:
+                    log.warning("ClickHouse endpoint %s did not answer (%s); trying the other replicas",
+                                endpoint.name, str(exc)[:200], extra={"endpoint": endpoint.name})
+            raise
+        if endpoint.failures:
+            log.info("ClickHouse endpoint %s answers again", endpoint.name, extra={"endpoint": endpoint.name})
+        endpoint.succeeded()
+        self._preferred = self.endpoints.index(endpoint)
+        return result
+
+    def _connect(self, t: ClickHouseTarget) -> Any:
         import clickhouse_connect
 
-        t = self.target
         if t.embedded_path is not None:
             try:
                 import chdb  # noqa: F401
@@ -79,24 +149,26 @@ class ClickHouseSink:
         return clickhouse_connect.get_client(
             interface=t.interface, host=t.host, port=t.port, username=t.username, password=t.password,
             database=self.database, send_receive_timeout=self.insert_timeout, connect_timeout=5,
-            autogenerate_session_id=False,
+            autogenerate_session_id=False, ca_cert=self.ca_file, verify=True, compress=False,
         )
 
     def insert(self, table: str, fmt: str, payload: bytes, token: str) -> None:
-        client = self._client()
-        client.raw_insert(
-            f"{quote_identifier(self.database)}.{quote_identifier(table)}", None, payload,
-            settings={"insert_deduplication_token": token}, fmt=fmt,
-        )
+        compression = self.compression if self.endpoints[0].target.embedded_path is None else None
+        body = compress(payload, compression) if compression else payload
+        self._call(lambda client: client.raw_insert(
+            f"{quote_identifier(self.database)}.{quote_identifier(table)}", None, body,
+            settings={"insert_deduplication_token": token}, fmt=fmt, compression=compression))
 
     def tables(self) -> set[str]:
-        result = self._client().query(
-            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": self.database}
-        )
-        return {row[0] for row in result.result_rows}
+        rows = self.query_rows("SELECT name FROM system.tables WHERE database = {db:String}", {"db": self.database})
+        return {row[0] for row in rows}
+
+    def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        result = self._call(lambda client: client.query(sql, parameters=parameters))
+        return [tuple(r) for r in result.result_rows]
 
     def command(self, sql: str) -> Any:
-        return self._client().command(sql)
+        return self._call(lambda client: client.command(sql))
 
     def close(self) -> None:
         with self._lock:
@@ -106,3 +178,21 @@ class ClickHouseSink:
                 client.close()
             except Exception:  # closing is best effort at exit
                 log.debug("closing a ClickHouse client failed", exc_info=True)
+
+
+def compress(payload: bytes, method: str) -> bytes:
+    """Compresses an insert body as ClickHouse's HTTP Content-Encoding expects it."""
+    if method == "lz4":
+        import lz4.frame
+
+        data: bytes = lz4.frame.compress(payload)
+        return data
+    if method == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(payload)
+    if method == "gzip":
+        import gzip
+
+        return gzip.compress(payload, compresslevel=3)
+    raise ValueError(f"unknown compression {method!r}")

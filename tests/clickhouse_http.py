@@ -97,7 +97,8 @@ class Engine:
         self.session = session.Session(path)
         self.lock = threading.Lock()
         self.faults: list[tuple[int, bool]] = []
-        self.stats = {"inserts": 0, "inserted_rows": 0, "failed_inserts": 0, "queries": 0}
+        self.stats: dict[str, Any] = {"inserts": 0, "inserted_rows": 0, "failed_inserts": 0, "queries": 0,
+                                      "encodings": {}}
 
     def run(self, sql: str, fmt: str, params: dict[str, str] | None = None) -> Any:
         try:
@@ -220,7 +221,11 @@ class Handler(BaseHTTPRequestHandler):
             if len(raw) < length:
                 # The connection broke mid-body: like ClickHouse, run nothing.
                 raise ConnectionResetError(f"body cut after {len(raw)} of {length} bytes")
-        return decompress(raw, self.headers.get("Content-Encoding", ""))
+        encoding = self.headers.get("Content-Encoding", "") or "identity"
+        with self.engine.lock:
+            seen = self.engine.stats["encodings"]
+            seen[encoding] = seen.get(encoding, 0) + 1
+        return decompress(raw, encoding)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -313,10 +318,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(path: str, host: str, port: int, credentials: tuple[str, str] | None,
-          ready: Callable[[int], None] | None = None) -> None:
+          ready: Callable[[int], None] | None = None, tls: tuple[str, str] | None = None) -> None:
     handler = type("BoundHandler", (Handler,), {"engine": Engine(path), "credentials": credentials})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     if ready is not None:
         ready(server.server_address[1])
     try:
@@ -331,13 +342,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--user", default=None, help="NAME:PASSWORD required from clients")
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="and this key (PEM)")
     args = parser.parse_args()
     creds = tuple(args.user.split(":", 1)) if args.user else None
 
     def ready(port: int) -> None:
         print(json.dumps({"listening": port}), flush=True)
 
-    serve(args.path, args.host, args.port, creds, ready)  # type: ignore[arg-type]
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    serve(args.path, args.host, args.port, creds, ready, tls)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ class ClickHouse:
 class HttpEndpoint:
     """tests/clickhouse_http.py in its own process: ClickHouse over HTTP, backed by chDB."""
 
-    def __init__(self, path: Path, user: str | None = None) -> None:
+    def __init__(self, path: Path, user: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
         args = [sys.executable, "-m", "tests.clickhouse_http", "--path", str(path), "--port", "0"]
         if user:
             args += ["--user", user]
+        if tls:
+            args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -65,7 +67,16 @@ class HttpEndpoint:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"the ClickHouse HTTP endpoint did not start: {err}")
         self.port = int(json.loads(line)["listening"])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        import ssl
+        import urllib.request
+
+        context = ssl._create_unverified_context() if self.url.startswith("https") else None
+        with urllib.request.urlopen(self.url + "/__stats", timeout=5, context=context) as r:
+            data: dict[str, Any] = json.loads(r.read())
+            return data
 
     def stop(self) -> None:
         if self.proc.poll() is None:

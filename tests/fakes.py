@@ -53,6 +53,9 @@ class MemorySink:
     def tables(self) -> set[str]:
         return set(self.table_names)
 
+    def query_rows(self, sql: str, parameters: dict[str, object] | None = None) -> list[tuple[object, ...]]:
+        return []
+
     def close(self) -> None:
         pass
 
