@@ -67,6 +67,14 @@ async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> float:
     return time.monotonic() - t0
 
 
+def report(scenario: str, clickhouse: ClickHouse, sent: int, dead_lettered: int = 0) -> None:
+    """One line per scenario (pytest -s shows them): rows sent, landed, duplicated, dead-lettered."""
+    landed, unique = (int(v) for v in clickhouse.client.query(
+        f"SELECT count(), uniqExact(id) FROM {clickhouse.database}.t").result_rows[0])
+    print(json.dumps({"scenario": scenario, "sent": sent, "landed": landed, "duplicated": landed - unique,
+                      "dead_lettered": dead_lettered}))
+
+
 def proxied(proxy: FaultProxy, clickhouse: ClickHouse) -> str:
     from urllib.parse import urlsplit
 
@@ -93,6 +101,7 @@ async def test_unreachable_at_start_then_flushes_once_it_appears(
     proxy.set("pass")
     await until(lambda: buf.app.ring.rows == 0)
     assert clickhouse.count("t") == 50
+    report("unreachable at start", clickhouse, 50)
 
 
 async def test_outage_under_load_fills_buffer_keeps_ready_and_recovers_within_2s(
@@ -137,7 +146,7 @@ async def test_outage_under_load_fills_buffer_keeps_ready_and_recovers_within_2s
     landed = {int(r[0]) for r in clickhouse.client.query(f"SELECT id FROM {clickhouse.database}.t").result_rows}
     assert set(acked) <= landed
     assert clickhouse.count("t") == len(landed), "no duplicates"
-    print(f"outage: acked={len(acked)} refused_requests={refused} landed={len(landed)} resumed_in={resumed:.2f}s")
+    report(f"outage under load (refused {refused} requests, resumed in {resumed:.2f}s)", clickhouse, len(acked))
 
 
 @needs_test_endpoint
@@ -154,6 +163,7 @@ async def test_lost_reply_after_commit_is_retried_without_duplicates(
     proxy.set("pass")
     await stub.Flush(pb.FlushRequest())
     assert clickhouse.count("t") == 100, "the retry reused the token: ClickHouse dropped the duplicate"
+    report("reply lost after commit", clickhouse, 100)
     stats = endpoint_call(http_endpoint, "/__stats")
     assert stats["inserts"] >= 2, "the first attempt did reach ClickHouse and commit"
 
@@ -171,6 +181,7 @@ async def test_connection_cut_mid_request_is_retried_and_lands_once(
     proxy.set("pass")
     await stub.Flush(pb.FlushRequest())
     assert clickhouse.count("t") == 200
+    report("connection cut mid-request", clickhouse, 200)
 
 
 @needs_test_endpoint
@@ -188,6 +199,7 @@ async def test_retryable_server_errors_back_off_and_succeed(
     await stub.Flush(pb.FlushRequest())
     assert clickhouse.count("t") == 10
     assert buf.app.flusher.stats.errors.get(name) == 3 and buf.app.flusher.stats.retries == 3
+    report(f"{name} x3", clickhouse, 10)
 
 
 @needs_test_endpoint
@@ -201,3 +213,19 @@ async def test_error_after_commit_does_not_duplicate(
     await stub.Flush(pb.FlushRequest())
     assert clickhouse.count("t") == 25
     assert buf.app.flusher.stats.retries == 1
+    report("error after commit", clickhouse, 25)
+
+
+async def test_poison_rows_through_the_http_path(clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(flush_interval="1h", tables="t")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    for i in range(10):
+        rows = jrows(i * 100, 100)
+        if i % 3 == 0:
+            rows = rows.replace(b'{"id":%d,' % (i * 100 + 7), b'{"id":-1e999,')
+        await stub.Write(pb.WriteRequest(table="t", format=J, rows=rows))
+    done = await stub.Flush(pb.FlushRequest())
+    assert (done.rows_committed, done.rows_failed) == (996, 4)
+    assert buf.app.flusher.dead_lettered_rows == 4
+    report("poison rows (4 in 1000)", clickhouse, 1000, dead_lettered=buf.app.flusher.dead_lettered_rows)
