@@ -33,7 +33,7 @@ from buffer.admin import AdminServer, json_body
 from buffer.catalog import TableCatalog
 from buffer.checks import Finding, startup_checks
 from buffer.config import Config, parse_listen
-from buffer.deadletter import FileDeadLetters
+from buffer.deadletter import FileDeadLetters, TableDeadLetters
 from buffer.flusher import BatchResult, Flusher, FlushPolicy
 from buffer.ring import Ring, WhenFull
 from buffer.routines import PeriodicRoutine, Routine, Supervisor
@@ -67,8 +67,11 @@ class App:
         self.clock = clock
         self.sink: Sink = sink if sink is not None else ClickHouseSink(cfg)
         self.telemetry = Telemetry()
-        self.dead_letters = FileDeadLetters(cfg.dead_letter_dir, max_file_bytes=min(64 * 1024**2,
-                                            cfg.dead_letter_max_bytes), max_total_bytes=cfg.dead_letter_max_bytes)
+        files = FileDeadLetters(cfg.dead_letter_dir, max_file_bytes=min(64 * 1024**2, cfg.dead_letter_max_bytes),
+                                max_total_bytes=cfg.dead_letter_max_bytes)
+        self.dead_letters: FileDeadLetters | TableDeadLetters = files
+        if cfg.dead_letter_table:
+            self.dead_letters = TableDeadLetters(self.sink.insert, cfg.dead_letter_table, files)
         self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock)
         self.flusher = Flusher(
             self.ring, self.sink,

@@ -124,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_duration),
     Setting("dead_letter_dir", ".ingest-buffer/dead-letters",
             "directory for rows ClickHouse refuses for good (JSON lines with the error and the raw rows)"),
+    Setting("dead_letter_table", "",
+            "also a ClickHouse table for refused rows (schema in the README); files stay the fallback"),
     Setting("dead_letter_max_bytes", 1024**3,
             "size bound of the dead-letter directory; past it the oldest file goes (counted as lost)", parse_size),
     Setting("log_level", "info", "log level", choices=LOG_LEVELS),
@@ -162,6 +164,7 @@ class Config:
     propagation_delay: float
     linger: float
     dead_letter_dir: str
+    dead_letter_table: str
     dead_letter_max_bytes: int
     log_level: str
     log_format: str
@@ -342,6 +345,8 @@ def _validate(cfg: Config) -> None:
     for table in cfg.tables:
         if not valid_table_name(table):
             bad("tables", f"{table!r} is not a table name (letters, digits, _ and $; not starting with a digit)")
+    if cfg.dead_letter_table and not valid_table_name(cfg.dead_letter_table):
+        bad("dead_letter_table", f"{cfg.dead_letter_table!r} is not a table name")
     if cfg.database and not valid_table_name(cfg.database):
         bad("database", f"{cfg.database!r} is not a database name")
     if errors:

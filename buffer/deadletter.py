@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,3 +108,53 @@ class FileDeadLetters:
             self.lost_rows += rows
             log.error("dead-letter store over %d bytes: deleted %s with %d rows; they are lost",
                       self.max_total_bytes, oldest.name, rows, extra={"rows_lost": rows})
+
+
+TABLE_SCHEMA = """CREATE TABLE {name} (
+    ts DateTime64(3) DEFAULT now64(3),
+    `table` String,
+    format LowCardinality(String),
+    code Int32,
+    error LowCardinality(String),
+    message String,
+    rows UInt64,
+    token String,
+    data String,
+    data_is_base64 Bool
+) ENGINE = MergeTree ORDER BY ts"""
+
+
+class TableDeadLetters:
+    """Dead letters as rows of a ClickHouse table (schema: TABLE_SCHEMA); files when that fails.
+
+    Writing the letters of a batch is itself an insert with a deterministic token, so a retry
+    never stores them twice. If ClickHouse refuses or cannot be reached, the letters go to the
+    file store instead: they are never dropped for want of a table.
+    """
+
+    def __init__(self, insert: Callable[[str, str, bytes, str], None], table: str, fallback: FileDeadLetters) -> None:
+        self.insert = insert
+        self.table = table
+        self.fallback = fallback
+
+    @property
+    def lost_rows(self) -> int:
+        return self.fallback.lost_rows
+
+    def write(self, letters: list[DeadLetter]) -> None:
+        lines = []
+        for letter in letters:
+            try:
+                data, b64 = letter.payload.decode("utf-8"), False
+            except UnicodeDecodeError:
+                data, b64 = base64.b64encode(letter.payload).decode(), True
+            lines.append(json.dumps({"table": letter.table, "format": letter.format, "code": letter.code or 0,
+                                     "error": letter.error, "message": letter.message, "rows": letter.rows,
+                                     "token": letter.token, "data": data, "data_is_base64": b64}) + "\n")
+        token = f"dead-letters-{letters[0].token}-{len(letters)}-{sum(len(x.payload) for x in letters)}"
+        try:
+            self.insert(self.table, "JSONEachRow", "".join(lines).encode(), token)
+        except Exception as exc:
+            log.error("could not write %d dead letters to table %s (%s); writing them to %s instead",
+                      len(letters), self.table, str(exc)[:300], self.fallback.directory)
+            self.fallback.write(letters)

@@ -383,3 +383,21 @@ async def test_poison_rows_are_dead_lettered_and_the_rest_land(clickhouse: Click
     # Dead letters are on disk, not lost: the process exits 0.
     buf.app.stop()
     assert await asyncio.wait_for(buf.task, 30) == 0
+
+
+async def test_dead_letters_can_go_to_a_clickhouse_table(clickhouse: ClickHouse,
+                                                         start_buffer: Callable[..., Any]) -> None:
+    from buffer.deadletter import TABLE_SCHEMA
+
+    clickhouse.create("t")
+    clickhouse.command(TABLE_SCHEMA.format(name=f"{clickhouse.database}.dead_letters"))
+    buf = await start_buffer(flush_interval="1h", dead_letter_table="dead_letters", tables="t")
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 5) + b'{"id":"x","s":"bad"}\n'))
+    done = await stub.Flush(pb.FlushRequest())
+    assert (done.rows_committed, done.rows_failed) == (5, 1)
+    rows = clickhouse.client.query(
+        f"SELECT table, code, error, rows, data FROM {clickhouse.database}.dead_letters").result_rows
+    assert len(rows) == 1
+    table, code, error, n, data = rows[0]
+    assert (table, n, data) == ("t", 1, '{"id":"x","s":"bad"}\n') and code > 0 and error
