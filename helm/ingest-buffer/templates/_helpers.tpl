@@ -1,0 +1,221 @@
+{{/*
+Named templates. The ones meant for other charts (sidecar mode):
+  "ingest-buffer.sidecar"   the buffer as a native sidecar: put it under initContainers
+  "ingest-buffer.container" the buffer as a plain container (clusters older than 1.29)
+  "ingest-buffer.volumes"   the volumes both need
+  "ingest-buffer.terminationGracePeriodSeconds"
+From a parent chart that depends on this one, pass this chart's context:
+  {{ include "ingest-buffer.sidecar" (index .Subcharts "ingest-buffer") | nindent 8 }}
+*/}}
+
+{{- define "ingest-buffer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ingest-buffer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "ingest-buffer.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "ingest-buffer.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "ingest-buffer.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "ingest-buffer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "ingest-buffer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ingest-buffer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ingest-buffer.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "ingest-buffer.passwordSecret" -}}
+{{- if .Values.clickhouse.existingSecret }}{{ .Values.clickhouse.existingSecret }}
+{{- else if .Values.clickhouse.password }}{{ include "ingest-buffer.fullname" . }}-clickhouse
+{{- end }}
+{{- end }}
+
+{{/*
+The grace period must cover the drain deadline plus the exit; derived unless set, refused if short.
+*/}}
+{{- define "ingest-buffer.terminationGracePeriodSeconds" -}}
+{{- $drain := int .Values.shutdown.drainTimeoutSeconds }}
+{{- if and (eq .Values.mode "gateway") (le $drain (int .Values.shutdown.propagationDelaySeconds)) }}
+{{- fail (printf "shutdown.drainTimeoutSeconds (%d) must be larger than shutdown.propagationDelaySeconds (%d): the drain deadline starts at preStop and must leave time to flush after the delay" $drain (int .Values.shutdown.propagationDelaySeconds)) }}
+{{- end }}
+{{- if kindIs "invalid" .Values.shutdown.terminationGracePeriodSeconds }}
+{{- add $drain 5 }}
+{{- else }}
+{{- $grace := int .Values.shutdown.terminationGracePeriodSeconds }}
+{{- if lt $grace (add $drain 2) }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds (%d) is shorter than shutdown.drainTimeoutSeconds + 2 (%d): the kubelet would SIGKILL the buffer before it reports what it could not flush; raise it or lower drainTimeoutSeconds" $grace (add $drain 2)) }}
+{{- end }}
+{{- $grace }}
+{{- end }}
+{{- end }}
+
+{{- define "ingest-buffer.env" -}}
+- name: INGEST_BUFFER_MODE
+  value: {{ .Values.mode | quote }}
+- name: INGEST_BUFFER_GRPC_LISTEN
+  value: {{ if .Values.grpc.unixSocket }}{{ printf "unix:%s" .Values.grpc.unixSocket | quote }}{{ else if eq .Values.mode "gateway" }}{{ printf "0.0.0.0:%d" (int .Values.grpc.port) | quote }}{{ else }}{{ printf "127.0.0.1:%d" (int .Values.grpc.port) | quote }}{{ end }}
+- name: INGEST_BUFFER_HTTP_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .Values.http.port) | quote }}
+- name: INGEST_BUFFER_CLICKHOUSE_URL
+  value: {{ .Values.clickhouse.url | quote }}
+- name: INGEST_BUFFER_DATABASE
+  value: {{ .Values.clickhouse.database | quote }}
+- name: INGEST_BUFFER_CLICKHOUSE_USER
+  value: {{ .Values.clickhouse.user | quote }}
+{{- if include "ingest-buffer.passwordSecret" . }}
+- name: INGEST_BUFFER_CLICKHOUSE_PASSWORD_FILE
+  value: /etc/ingest-buffer/clickhouse/password
+{{- end }}
+{{- if .Values.clickhouse.caSecret }}
+- name: INGEST_BUFFER_CLICKHOUSE_CA_FILE
+  value: /etc/ingest-buffer/ca/ca.crt
+{{- end }}
+- name: INGEST_BUFFER_CLICKHOUSE_COMPRESSION
+  value: {{ .Values.clickhouse.compression | quote }}
+- name: INGEST_BUFFER_INSERT_TIMEOUT
+  value: {{ printf "%ds" (int .Values.clickhouse.insertTimeoutSeconds) | quote }}
+- name: INGEST_BUFFER_TABLES
+  value: {{ join "," .Values.tables | quote }}
+- name: INGEST_BUFFER_BUFFER_MAX_BYTES
+  value: {{ .Values.buffer.maxBytes | quote }}
+- name: INGEST_BUFFER_BUFFER_MAX_ROWS
+  value: {{ .Values.buffer.maxRows | int | quote }}
+- name: INGEST_BUFFER_WHEN_FULL
+  value: {{ .Values.buffer.whenFull | quote }}
+- name: INGEST_BUFFER_BLOCK_TIMEOUT
+  value: {{ printf "%vs" .Values.buffer.blockTimeoutSeconds | quote }}
+- name: INGEST_BUFFER_MAX_REQUEST_BYTES
+  value: {{ .Values.buffer.maxRequestBytes | quote }}
+- name: INGEST_BUFFER_FLUSH_MAX_ROWS
+  value: {{ .Values.flush.maxRows | int | quote }}
+- name: INGEST_BUFFER_FLUSH_MAX_BYTES
+  value: {{ .Values.flush.maxBytes | quote }}
+- name: INGEST_BUFFER_FLUSH_INTERVAL
+  value: {{ printf "%vs" .Values.flush.intervalSeconds | quote }}
+- name: INGEST_BUFFER_DRAIN_TIMEOUT
+  value: {{ printf "%ds" (int .Values.shutdown.drainTimeoutSeconds) | quote }}
+- name: INGEST_BUFFER_PROPAGATION_DELAY
+  value: {{ printf "%vs" .Values.shutdown.propagationDelaySeconds | quote }}
+- name: INGEST_BUFFER_LINGER
+  value: {{ printf "%vs" .Values.shutdown.lingerSeconds | quote }}
+- name: INGEST_BUFFER_DEAD_LETTER_DIR
+  value: /var/lib/ingest-buffer/dead-letters
+- name: INGEST_BUFFER_DEAD_LETTER_MAX_BYTES
+  value: {{ .Values.deadLetters.maxBytes | quote }}
+- name: INGEST_BUFFER_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: INGEST_BUFFER_LOG_FORMAT
+  value: json
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "ingest-buffer.container" -}}
+name: ingest-buffer
+image: {{ include "ingest-buffer.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args: ["serve"]
+env:
+  {{- include "ingest-buffer.env" . | nindent 2 }}
+ports:
+  {{- if not .Values.grpc.unixSocket }}
+  - name: grpc
+    containerPort: {{ .Values.grpc.port }}
+    protocol: TCP
+  {{- end }}
+  - name: http
+    containerPort: {{ .Values.http.port }}
+    protocol: TCP
+startupProbe:
+  httpGet:
+    path: /readyz
+    port: http
+  periodSeconds: 1
+  failureThreshold: 60
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: http
+  periodSeconds: 2
+  timeoutSeconds: 2
+  failureThreshold: 1
+livenessProbe:
+  httpGet:
+    path: /livez
+    port: http
+  periodSeconds: 10
+  timeoutSeconds: 3
+  failureThreshold: 3
+lifecycle:
+  preStop:
+    exec:
+      command: ["ingest-buffer", "drain", "--timeout", "{{ add (int .Values.shutdown.drainTimeoutSeconds) 5 }}"]
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  - name: ingest-buffer-data
+    mountPath: /var/lib/ingest-buffer
+  {{- if include "ingest-buffer.passwordSecret" . }}
+  - name: ingest-buffer-clickhouse
+    mountPath: /etc/ingest-buffer/clickhouse
+    readOnly: true
+  {{- end }}
+  {{- if .Values.clickhouse.caSecret }}
+  - name: ingest-buffer-ca
+    mountPath: /etc/ingest-buffer/ca
+    readOnly: true
+  {{- end }}
+  {{- if .Values.grpc.unixSocket }}
+  - name: ingest-buffer-socket
+    mountPath: {{ dir .Values.grpc.unixSocket }}
+  {{- end }}
+{{- end }}
+
+{{- define "ingest-buffer.sidecar" -}}
+- {{ include "ingest-buffer.container" . | indent 2 | trim }}
+  # A native sidecar: started before the application, stopped after it (Kubernetes >= 1.29).
+  restartPolicy: Always
+{{- end }}
+
+{{- define "ingest-buffer.volumes" -}}
+- name: ingest-buffer-data
+  emptyDir:
+    sizeLimit: {{ .Values.deadLetters.sizeLimit }}
+{{- if include "ingest-buffer.passwordSecret" . }}
+- name: ingest-buffer-clickhouse
+  secret:
+    secretName: {{ include "ingest-buffer.passwordSecret" . }}
+    items:
+      - key: {{ if .Values.clickhouse.existingSecret }}{{ .Values.clickhouse.existingSecretKey }}{{ else }}password{{ end }}
+        path: password
+{{- end }}
+{{- if .Values.clickhouse.caSecret }}
+- name: ingest-buffer-ca
+  secret:
+    secretName: {{ .Values.clickhouse.caSecret }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- if .Values.grpc.unixSocket }}
+- name: ingest-buffer-socket
+  emptyDir: {}
+{{- end }}
+{{- end }}

@@ -1,0 +1,34 @@
+"""Rendering the Helm chart with the real Helm engine, for the chart tests and the kubelet harness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from helm_python.chart import Chart, values_from_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "ingest-buffer"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+
+
+def values_file(path: Path) -> dict[str, Any]:
+    return values_from_yaml(path.read_text())
+
+
+def render(values: dict[str, Any], name: str = "ib", namespace: str = "apps") -> list[dict[str, Any]]:
+    """Every Kubernetes object the chart renders for ``values``."""
+    with Chart.load(str(CHART)) as chart:
+        out = chart.render(values=values, name=name, namespace=namespace)
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(out.items()):
+        if path.endswith(".yaml"):
+            objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def find(objects: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
+    assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, got {[o['metadata']['name'] for o in matches]}"
+    return matches[0]

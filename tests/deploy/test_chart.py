@@ -1,0 +1,136 @@
+"""The Helm chart, checked by the real Helm engine and Kubernetes' own schemas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from helm_python.chart import Chart, lint
+from helm_python.errors import HelmRenderError, HelmValuesError
+
+from tests.deploy.chart import CHART, CI_VALUES, ROOT, find, render, values_file
+
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+# Custom resources have no schema in Kubernetes' own set; they are checked by the Helm lint only.
+CRD_KINDS = {"ServiceMonitor"}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_path", [*CI_VALUES, None], ids=[*(p.stem for p in CI_VALUES), "defaults"])
+def test_lint_strict(values_path: Path | None, kube: str) -> None:
+    values = values_file(values_path) if values_path else {}
+    report = lint(str(CHART), values, strict=True, kube_version=f"v{kube}")
+    problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    assert not report.get("errors") and not problems, report
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_path", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_every_rendered_object_validates_strictly(values_path: Path, kube: str) -> None:
+    objects = render(values_file(values_path))
+    checked = 0
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(obj, kube, strict=True)
+        checked += 1
+    assert checked >= 1
+
+
+def test_at_least_one_values_file_per_mode() -> None:
+    modes = {values_file(p).get("mode") for p in CI_VALUES}
+    assert {"sidecar", "gateway"} <= modes
+
+
+def pod_spec(objects: list[dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+    spec: dict[str, Any] = find(objects, "Deployment", suffix)["spec"]["template"]["spec"]
+    return spec
+
+
+def test_native_sidecar_is_an_init_container_that_restarts_always() -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "sidecar-values.yaml")), "-example")
+    (buffer,) = spec["initContainers"]
+    assert buffer["name"] == "ingest-buffer" and buffer["restartPolicy"] == "Always"
+    assert buffer["lifecycle"]["preStop"]["exec"]["command"][:2] == ["ingest-buffer", "drain"]
+    assert buffer["startupProbe"]["httpGet"]["path"] == "/readyz", "the app starts once the buffer accepts rows"
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+
+
+def test_legacy_sidecar_is_a_plain_container_sharing_a_socket() -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "sidecar-legacy-values.yaml")), "-example")
+    assert "initContainers" not in spec
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["app", "ingest-buffer"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][1]["env"]}
+    assert env["INGEST_BUFFER_GRPC_LISTEN"] == "unix:/run/ingest-buffer/grpc.sock"
+    assert float(env["INGEST_BUFFER_LINGER"].rstrip("s")) > 0
+
+
+def test_gateway_rolls_without_losing_capacity() -> None:
+    objects = render(values_file(CHART / "ci" / "gateway-values.yaml"))
+    deployment = find(objects, "Deployment")
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert find(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert find(objects, "Service")["spec"]["ports"][0]["targetPort"] == "grpc"
+    find(objects, "ServiceMonitor")
+
+
+def test_grace_period_is_derived_from_the_drain_deadline() -> None:
+    spec = pod_spec(render({"mode": "gateway", "shutdown": {"drainTimeoutSeconds": 40, "propagationDelaySeconds": 5}}))
+    assert spec["terminationGracePeriodSeconds"] == 45
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["INGEST_BUFFER_DRAIN_TIMEOUT"] == "40s"
+
+
+def test_credentials_come_from_a_secret_file() -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "gateway-values.yaml")))
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["INGEST_BUFFER_CLICKHOUSE_PASSWORD_FILE"] == "/etc/ingest-buffer/clickhouse/password"
+    assert "password" not in str(env.get("INGEST_BUFFER_CLICKHOUSE_URL"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["ingest-buffer-clickhouse"]["secret"]["secretName"] == "clickhouse-credentials"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"mode": "daemon"}, "at '/mode': value must be one of 'sidecar', 'gateway'"),
+    ({"buffer": {"whenFull": "sometimes"}}, "at '/buffer/whenFull'"),
+    ({"flush": {"intervall": 1}}, "additional properties 'intervall' not allowed"),
+    ({"clickhouse": {"url": "tcp://ch:9000"}}, "at '/clickhouse/url'"),
+    ({"shutdown": {"drainTimeoutSeconds": 0}}, "at '/shutdown/drainTimeoutSeconds'"),
+    ({"tables": ["ok", "no; drop"]}, "at '/tables/1'"),
+])
+def test_schema_refuses_bad_values_naming_the_key(values: dict[str, Any], words: str) -> None:
+    with Chart.load(str(CHART)) as chart, pytest.raises(HelmValuesError) as info:
+        chart.render(values=values, name="ib")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"shutdown": {"drainTimeoutSeconds": 30, "terminationGracePeriodSeconds": 20}},
+     "shorter than shutdown.drainTimeoutSeconds + 2"),
+    ({"mode": "gateway", "shutdown": {"drainTimeoutSeconds": 5, "propagationDelaySeconds": 5}},
+     "must be larger than shutdown.propagationDelaySeconds"),
+])
+def test_inconsistent_shutdown_timing_is_refused(values: dict[str, Any], words: str) -> None:
+    with Chart.load(str(CHART)) as chart, pytest.raises(HelmRenderError) as info:
+        chart.render(values=values, name="ib")
+    assert words in str(info.value)
+
+
+def test_deploy_manifests_are_the_chart_rendered() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "deploy" / "render.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_notes_tell_how_to_send_a_first_row() -> None:
+    with Chart.load(str(CHART)) as chart:
+        for mode in ("sidecar", "gateway"):
+            notes = chart.render(values={"mode": mode}, name="ib")["ingest-buffer/templates/NOTES.txt"]
+            assert "ingest-buffer send" in notes and "--flush" in notes
