@@ -30,5 +30,6 @@ def render(values: dict[str, Any], name: str = "ib", namespace: str = "apps") ->
 
 def find(objects: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
     matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
-    assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, got {[o['metadata']['name'] for o in matches]}"
+    names = [o["metadata"]["name"] for o in matches]
+    assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, got {names}"
     return matches[0]
