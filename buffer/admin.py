@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[], Awaitable[tuple[int, str, bytes]]]
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable",
-            500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error", 503: "Service Unavailable"}
 _READ_TIMEOUT = 5.0
 _MAX_HEADER_BYTES = 16 * 1024
 
@@ -36,10 +37,14 @@ class AdminServer(Routine):
     def stop_budget(self) -> float | None:
         return 3.0
 
-    def __init__(self, host: str, port: int, routes: dict[tuple[str, str], Handler]) -> None:
+    def __init__(self, host: str, port: int, routes: dict[tuple[str, str], Handler],
+                 local_only: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.host = host
         self.port = port
         self.routes = routes
+        # Routes that change state answer only callers on this host: the listener is on the pod IP
+        # for the kubelet's probes, but a drain must come from the pod's own preStop.
+        self.local_only = local_only
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -66,7 +71,8 @@ class AdminServer(Routine):
         if task is not None:
             self._handlers.add(task)
         try:
-            status, ctype, body = await self._respond(reader)
+            peer = writer.get_extra_info("peername")
+            status, ctype, body = await self._respond(reader, peer[0] if isinstance(peer, tuple) else "")
             head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode() + body)
@@ -80,7 +86,7 @@ class AdminServer(Routine):
             if task is not None:
                 self._handlers.discard(task)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+    async def _respond(self, reader: asyncio.StreamReader, peer: str) -> tuple[int, str, bytes]:
         try:
             raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
         except asyncio.LimitOverrunError:
@@ -98,6 +104,8 @@ class AdminServer(Routine):
                 return 405, "text/plain", f"{method} not allowed on {path}\n".encode()
             known = ", ".join(f"{m} {p}" for m, p in self.routes)
             return 404, "text/plain", f"no route {path}; routes: {known}\n".encode()
+        if (method, path) in self.local_only and peer and not ipaddress.ip_address(peer).is_loopback:
+            return 403, "text/plain", f"{method} {path} is accepted only from the pod itself (loopback)\n".encode()
         try:
             return await handler()
         except Exception as exc:

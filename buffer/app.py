@@ -95,7 +95,7 @@ class App:
             ("GET", "/readyz"): self._readyz,
             ("POST", "/drain"): self._drain_route,
             ("GET", "/metrics"): self._metrics,
-        })
+        }, local_only=frozenset({("POST", "/drain")}))
         self.catalog_refresher = PeriodicRoutine("table-catalog", 30.0, self.catalog.refresh,
                                                  "could not refresh the list of ClickHouse tables")
         routines: list[Routine] = [self.admin, self.flusher, self.catalog_refresher, self.grpc]

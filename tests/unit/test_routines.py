@@ -138,3 +138,22 @@ async def test_periodic_stops_promptly_with_the_real_clock() -> None:
     await routine.stop()
     await asyncio.wait_for(task, 1)
     assert routine.runs == 1
+
+
+async def test_admin_drain_route_answers_only_loopback_callers() -> None:
+    from buffer.admin import AdminServer
+
+    async def ok() -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"drained\n"
+
+    server = AdminServer("127.0.0.1", 0, {("POST", "/drain"): ok, ("GET", "/readyz"): ok},
+                         local_only=frozenset({("POST", "/drain")}))
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"POST /drain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await server._respond(reader, "10.1.2.3"))[0] == 403
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"POST /drain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await server._respond(reader, "127.0.0.5"))[0] == 200
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await server._respond(reader, "10.1.2.3"))[0] == 200, "probes come from the kubelet, off-host"
