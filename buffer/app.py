@@ -144,6 +144,7 @@ class App:
         summary = {"rows_accepted": c.accepted_rows, "rows_committed": c.committed_rows,
                    "rows_failed": failed, "rows_lost": lost,
                    "rows_dead_lettered": self.flusher.dead_lettered_rows,
+                   "rows_in_doubt": self.flusher.in_doubt_rows,
                    "dead_letter_rows_deleted": self.dead_letters.lost_rows,
                    "drain_seconds": None if self.drained_in is None else round(self.drained_in, 3)}
         if not clean:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DRAINING_MAX_AGE = 0.1
 NO_ANSWER_MAX_BACKOFF = 1.0
+# At exit, how long inserts already sent may take to finish before their rows count as in doubt.
+IN_FLIGHT_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Flusher(Routine):
         self._stopping = False
         self._wake = asyncio.Event()
         self._in_flight: dict[Key, asyncio.Task[None]] = {}
+        self._in_flight_batches: dict[Key, list[Entry]] = {}
+        self.in_doubt_rows = 0
         self._executor = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="flusher")
         self.not_flushed_rows = 0
         ring.wake_rows, ring.wake_bytes = policy.max_rows, policy.max_bytes
@@ -163,6 +167,7 @@ class Flusher(Routine):
                         break
                     if key not in self._in_flight and self._due(key, now):
                         batch = self.ring.take(key, self.policy.max_rows, self.policy.max_bytes)
+                        self._in_flight_batches[key] = batch
                         task = asyncio.create_task(self._flush(key, batch), name=f"flush {key[0]}")
                         self._in_flight[key] = task
                         task.add_done_callback(functools.partial(self._flush_done, key))
@@ -180,6 +185,7 @@ class Flusher(Routine):
 
     def _flush_done(self, key: Key, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(key, None)
+        self._in_flight_batches.pop(key, None)
         self.wake()
 
     def _past_deadline(self) -> bool:
@@ -187,11 +193,26 @@ class Flusher(Routine):
 
     async def _finish(self) -> None:
         """Leaves nothing silent: whatever is still outstanding is counted and logged."""
-        for task in list(self._in_flight.values()):
-            task.cancel()
-        for task in list(self._in_flight.values()):
+        in_flight = list(self._in_flight.values())
+        if in_flight:
+            # An insert already sent may commit: give it a moment to say so, so that the count of
+            # what did not reach ClickHouse is exact rather than a guess.
+            await asyncio.wait(in_flight, timeout=IN_FLIGHT_GRACE)
+        doubt = 0
+        for key, task in list(self._in_flight.items()):
+            if not task.done():
+                doubt += sum(e.rows for e in self._in_flight_batches.get(key, []))
+                task.cancel()
+        for task in in_flight:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if doubt:
+            for batch in self._in_flight_batches.values():
+                self.ring.release(batch, committed=False, reason="in_doubt_at_exit")
+            self.in_doubt_rows += doubt
+            log.error("%d rows were being inserted when the drain deadline passed; ClickHouse may or may not "
+                      "have them (their deduplication token makes a replay safe)", doubt,
+                      extra={"rows_in_doubt": doubt})
         lost = self.ring.fail_outstanding("not_flushed_before_exit")
         self.not_flushed_rows += lost
         if lost:
