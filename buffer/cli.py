@@ -28,6 +28,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ingest-buffer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
+    if cfg.is_embedded:
+        try:
+            import chdb  # noqa: F401
+        except ImportError:
+            from buffer.sink import CHDB_MISSING
+
+            print(f"ingest-buffer: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
+            return EXIT_CONFIG
 
     async def main() -> int:
         return await App(cfg).run()
