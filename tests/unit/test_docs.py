@@ -37,6 +37,7 @@ def test_documented_metrics_exist() -> None:
         svc, ring, fl = app.service, app.ring, app.flusher
         svc.rejected["truncated"][0] += 1
         ring.counters.failed_rows["dropped_oldest"] += 1
+        ring.counters.failed_rows["dead_lettered:CANNOT_PARSE_TEXT"] += 1
         fl.stats.errors["NETWORK"] = 1
         for h in (app.telemetry.flush_duration, app.telemetry.batch_rows, app.telemetry.batch_bytes,
                   app.telemetry.drain_duration):
