@@ -134,3 +134,12 @@ def test_notes_tell_how_to_send_a_first_row() -> None:
         for mode in ("sidecar", "gateway"):
             notes = chart.render(values={"mode": mode}, name="ib")["ingest-buffer/templates/NOTES.txt"]
             assert "ingest-buffer send" in notes and "--flush" in notes
+
+
+def test_the_harness_runs_what_the_image_runs() -> None:
+    """tests/kube/harness.py maps the image's ENTRYPOINT to this checkout; they must agree."""
+    from tests.kube.harness import ENTRYPOINTS
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["ingest-buffer"]' in dockerfile and 'CMD ["serve"]' in dockerfile
+    assert list(ENTRYPOINTS) == ["ingest-buffer"]
