@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -219,17 +220,12 @@ class App:
         return self._remaining() + 2.0 if self.deadline is not None else self.cfg.drain_timeout + 2.0
 
     async def _record_drain(self) -> None:
+        # Drained means empty once no more rows can arrive (a sidecar accepts until SIGTERM).
+        await self.refusing.wait()
         await self.ring.emptied.wait()
-        if self.drain_started is not None and self.refusing.is_set():
-            self.drained_in = self.clock() - self.drain_started
-            self.telemetry.drain_duration.record(self.drained_in)
-        elif not self.refusing.is_set():
-            # Sidecar mode: rows keep arriving until SIGTERM; measure once refusal starts.
-            await self.refusing.wait()
-            await self.ring.emptied.wait()
-            if self.drain_started is not None:
-                self.drained_in = self.clock() - self.drain_started
-                self.telemetry.drain_duration.record(self.drained_in)
+        assert self.drain_started is not None
+        self.drained_in = self.clock() - self.drain_started
+        self.telemetry.drain_duration.record(self.drained_in)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self.begin_drain(sig.name)
@@ -241,8 +237,6 @@ class App:
     def _force_exit(self) -> None:
         lost = self.ring.rows
         log.error("forced exit: %d buffered rows are lost", lost, extra={"rows_not_flushed": lost})
-        import os
-
         os._exit(EXIT_ROWS_LOST if lost else EXIT_CRASHED)
 
     # ----- HTTP routes ----------------------------------------------------------------------
