@@ -250,8 +250,11 @@ class App:
         return json_body(200, {"live": True})
 
     async def _readyz(self) -> tuple[int, str, bytes]:
+        stats = self.flusher.stats
         body = {"ready": self.ready(), "enabled": self.enabled, "draining": self.drain_started is not None,
-                "buffer_rows": self.ring.rows, "buffer_bytes": self.ring.bytes}
+                "buffer_rows": self.ring.rows, "buffer_bytes": self.ring.bytes,
+                "oldest_row_seconds": round(self.ring.oldest_age(), 3),
+                "last_flush_unix": stats.last_success, "last_insert_error": stats.last_error[:300] or None}
         return json_body(200 if body["ready"] else 503, body)
 
     async def _drain_route(self) -> tuple[int, str, bytes]:

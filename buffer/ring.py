@@ -253,9 +253,6 @@ class Ring:
             if not fut.done():
                 fut.set_exception(BufferClosed("the buffer started draining while this write waited for room"))
 
-    def reopen(self) -> None:
-        self._closed = False
-
     @property
     def closed(self) -> bool:
         return self._closed
@@ -310,18 +307,6 @@ class Ring:
             else:
                 self._finish(entry, State.FAILED, reason, committed_rows, detail)
         self._after_release()
-
-    def requeue(self, batch: list[Entry]) -> None:
-        """Puts an untried batch back at the head of its queue (oldest first, order kept)."""
-        for entry in reversed(batch):
-            entry.state = State.PENDING
-            queue = self._queues.get(entry.key)
-            if queue is None:
-                queue = self._queues[entry.key] = collections.deque()
-            queue.appendleft(entry)
-            self._queued_rows[entry.key] += entry.rows
-            self._queued_bytes[entry.key] += entry.size
-        self.arrived.set()
 
     def fail_outstanding(self, reason: str) -> int:
         """Marks every remaining entry failed (at exit); returns the rows affected."""

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -91,7 +90,3 @@ class Telemetry:
                 provider.shutdown(timeout_millis=3000) if provider is self.meter_provider else provider.shutdown()
             except Exception:  # exporters failing at exit must not change the exit code
                 log.debug("telemetry shutdown failed", exc_info=True)
-
-
-def noop_tracer() -> trace.Tracer:
-    return trace.NoOpTracer()

@@ -24,6 +24,19 @@ from buffer.sink import quote_identifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def dev_tool(name: str) -> str:
+    """A command-line tool from the dev extra: the venv's own, else the PATH's; fails clearly if absent."""
+    import shutil
+
+    path = Path(sys.executable).parent / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[dev]'")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,8 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,13 +23,12 @@ from typing import Any
 import pytest
 
 from buffer import __version__
-from tests.conftest import free_port
+from tests.conftest import dev_tool, free_port
 from tests.image.daemon import Dockerd, base_image, debootstrap_rootfs, dockerd, ensure_tools, run
 
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 BASE_TAG = "ingest-buffer-base:test"
 IMAGE_TAG = "ingest-buffer:test"
 USER_ID = 10001
@@ -43,21 +40,11 @@ MAX_IMAGE_MB = 350
 STOP_GRACE = 30  # docker stop -t: more than the default --drain-timeout (25s)
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed: pip install -e '.[dev]'")
-    return found
-
-
 # --- without Docker ----------------------------------------------------------------------------------
 
 
 def test_hadolint() -> None:
-    out = run([tool("hadolint"), "--failure-threshold", "error", "Dockerfile"], timeout=60, check=False,
+    out = run([dev_tool("hadolint"), "--failure-threshold", "error", "Dockerfile"], timeout=60, check=False,
               cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import HttpEndpoint
 from tests.deploy.chart import CHART, find, render, values_file
-from tests.kube.harness import Pod, Service
+from tests.kube.harness import Container, Pod, Service
 from tests.lifecycle.conftest import ROOT
 
 SECRETS = {"clickhouse-credentials": {"password": "unused-by-the-test-endpoint"},
@@ -122,12 +122,13 @@ def drain_seconds(pod: Pod) -> float | None:
     return exits[-1].get("drain_seconds") if exits else None
 
 
-def test_native_sidecar_termination_refuses_nothing_loses_nothing(
-        clickhouse: HttpEndpoint, workdir: Path, pods: list[Pod]) -> None:
+def run_example_pod(values_name: str, name: str, after_sigterm: float, clickhouse: HttpEndpoint, workdir: Path,
+                    pods: list[Pod]) -> tuple[Pod, Container, Container, float]:
+    """The chart's example pod with a writing application, terminated after 2 s of load."""
     truncate(clickhouse)
-    spec = pod_spec("sidecar-values.yaml", "-example")
-    pod = Pod("native", spec, workdir, env_overrides={"INGEST_BUFFER_CLICKHOUSE_URL": clickhouse.url},
-              secrets=SECRETS, players={"app": app_player(workdir, "app", after_sigterm=1.5)})
+    pod = Pod(name, pod_spec(values_name, "-example"), workdir,
+              env_overrides={"INGEST_BUFFER_CLICKHOUSE_URL": clickhouse.url}, secrets=SECRETS,
+              players={"app": app_player(workdir, "app", after_sigterm=after_sigterm)})
     pods.append(pod)
     pod.start()
     pod.wait_ready()
@@ -136,6 +137,13 @@ def test_native_sidecar_termination_refuses_nothing_loses_nothing(
     app, buffer = (next(c for c in pod.containers if c.name == n) for n in ("app", "ingest-buffer"))
     assert app.exit_code == 0 and buffer.exit_code == 0, pod.describe() + "\n" + buffer.log()[-2000:]
     assert not app.killed and not buffer.killed
+    return pod, app, buffer, took
+
+
+def test_native_sidecar_termination_refuses_nothing_loses_nothing(
+        clickhouse: HttpEndpoint, workdir: Path, pods: list[Pod]) -> None:
+    pod, app, buffer, took = run_example_pod("sidecar-values.yaml", "native", 1.5, clickhouse, workdir, pods)
+    assert "ingest-buffer" in [c["name"] for c in pod.spec["initContainers"]]
     assert app.exited_at is not None and buffer.exited_at is not None and buffer.exited_at > app.exited_at, \
         "the native sidecar outlived its application"
     refused = json.loads((workdir / "app.refused").read_text())
@@ -148,18 +156,8 @@ def test_native_sidecar_termination_refuses_nothing_loses_nothing(
 
 def test_old_style_sidecar_linger_keeps_the_last_writes(
         clickhouse: HttpEndpoint, workdir: Path, pods: list[Pod]) -> None:
-    truncate(clickhouse)
-    spec = pod_spec("sidecar-legacy-values.yaml", "-example")
-    assert "initContainers" not in spec
-    pod = Pod("legacy", spec, workdir, env_overrides={"INGEST_BUFFER_CLICKHOUSE_URL": clickhouse.url},
-              secrets=SECRETS, players={"app": app_player(workdir, "app", after_sigterm=1.0)})
-    pods.append(pod)
-    pod.start()
-    pod.wait_ready()
-    time.sleep(2.0)
-    took = pod.terminate()
-    app, buffer = (next(c for c in pod.containers if c.name == n) for n in ("app", "ingest-buffer"))
-    assert app.exit_code == 0 and buffer.exit_code == 0, pod.describe() + "\n" + buffer.log()[-2000:]
+    pod, _, _, took = run_example_pod("sidecar-legacy-values.yaml", "legacy", 1.0, clickhouse, workdir, pods)
+    assert "initContainers" not in pod.spec
     refused = json.loads((workdir / "app.refused").read_text())
     timeline = [(r.get("ts"), r.get("msg")) for r in buffer_log(pod) if "flushed" not in r.get("msg", "")]
     assert refused == {}, f"the application's last writes were refused: {refused}; buffer: {timeline}"

@@ -137,15 +137,6 @@ async def test_barrier_on_empty_ring_is_done_at_once() -> None:
     assert ring.barrier().done.done()
 
 
-async def test_requeue_puts_batch_back_in_order() -> None:
-    ring = Ring(1000, 1000, WhenFull.REJECT)
-    for _ in range(3):
-        ring.offer(entry())
-    batch = ring.take(KEY, 2, 1000)
-    ring.requeue(batch)
-    assert [e.seq for e in ring.take(KEY, 10, 1000)] == [1, 2, 3]
-
-
 async def test_fail_outstanding_reports_every_remaining_row() -> None:
     ring = Ring(1000, 1000, WhenFull.REJECT)
     ring.offer(entry(rows=2))
@@ -171,7 +162,7 @@ sizes = st.integers(min_value=1, max_value=40)
 
 
 class RingMachine(RuleBasedStateMachine):
-    """Random offers, takes, releases, requeues under each policy; the books must always balance."""
+    """Random offers, takes and releases under each policy; the books must always balance."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -214,11 +205,6 @@ class RingMachine(RuleBasedStateMachine):
     def release(self, ok: bool, data: st.DataObject) -> None:
         batch = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
         self.ring.release(batch, committed=ok, reason="" if ok else "rejected_by_clickhouse:TEST")
-
-    @precondition(lambda self: self.in_flight)
-    @rule()
-    def requeue(self) -> None:
-        self.ring.requeue(self.in_flight.pop())
 
     @invariant()
     def within_bounds(self) -> None:
