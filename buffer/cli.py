@@ -40,6 +40,16 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> int:
         return await App(cfg).run()
 
+    if cfg.event_loop != "asyncio":
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            if cfg.event_loop == "uvloop":
+                print("ingest-buffer: --event-loop uvloop: uvloop is not installed (pip install uvloop)",
+                      file=sys.stderr)
+                return EXIT_CONFIG
     return asyncio.run(main())
 
 

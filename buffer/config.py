@@ -105,8 +105,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("block_timeout", 5.0, "with when_full=block: the longest a write waits for room", parse_duration),
     Setting("max_request_bytes", 16 * 1024**2, "largest payload one request may carry", parse_size),
     Setting("flush_max_rows", 100_000, "flush a table's batch once it holds this many rows", parse_int),
-    Setting("flush_max_bytes", 16 * 1024**2, "flush a table's batch once it holds this many bytes",
-            parse_size),
+    Setting("flush_max_bytes", 16 * 1024**2,
+            "flush a table's batch once it holds this many bytes; also the most one insert carries", parse_size),
     Setting("flush_interval", 1.0, "flush a table's batch once its oldest row is this old", parse_duration),
     Setting("flush_concurrency", 0,
             "inserts in flight at once (0 = 1 for chdb, 2 for a server)", parse_int),
@@ -128,6 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
             "also a ClickHouse table for refused rows (schema in the README); files stay the fallback"),
     Setting("dead_letter_max_bytes", 1024**3,
             "size bound of the dead-letter directory; past it the oldest file goes (counted as lost)", parse_size),
+    Setting("event_loop", "auto", "asyncio event loop: uvloop (faster gRPC handling), asyncio, or auto "
+            "(uvloop when installed)", choices=("auto", "uvloop", "asyncio")),
     Setting("log_level", "info", "log level", choices=LOG_LEVELS),
     Setting("log_format", "auto", "log format: json, text, or auto (json when not on a terminal)",
             choices=LOG_FORMATS),
@@ -166,6 +168,7 @@ class Config:
     dead_letter_dir: str
     dead_letter_table: str
     dead_letter_max_bytes: int
+    event_loop: str
     log_level: str
     log_format: str
 

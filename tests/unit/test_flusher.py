@@ -84,6 +84,22 @@ async def test_flushes_at_max_rows_without_waiting(rig_factory: Callable[..., Ri
     assert len(rig.sink.inserts) == 1, "one insert of the whole batch"
 
 
+async def test_a_backlog_goes_out_in_batches_bounded_by_bytes_not_rows(rig_factory: Callable[..., Rig]) -> None:
+    import threading
+
+    rig = rig_factory(max_rows=10, max_bytes=400)  # 8 bytes a row: 50 rows per insert at most
+    gate = threading.Event()
+    rig.sink.gate = gate
+    rig.add(rows(10))  # due: the first insert starts and waits at the gate
+    await until(lambda: not rig.ring.queued_keys())  # taken: the insert is under way
+    for _ in range(12):
+        rig.add(rows(10))  # a backlog of 120 rows builds up meanwhile
+    gate.set()
+    await until(lambda: rig.sink.rows() == 130)
+    sizes = [i.payload.count(b"\n") for i in rig.sink.inserts]
+    assert sizes[0] == 10 and max(sizes) == 50 and len(sizes) == 4, sizes
+
+
 async def test_flushes_at_max_bytes(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(max_bytes=80)
     for _ in range(10):
@@ -105,7 +121,7 @@ async def test_batches_per_table_and_format(rig_factory: Callable[..., Rig]) -> 
 
 
 async def test_retry_reuses_the_deduplication_token(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=1)
+    rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
     rig.sink.failures = [ClickHouseError(252, "TOO_MANY_PARTS"), TimeoutError("read timed out")]
     rig.add(rows(1))
     await until(lambda: len(rig.sink.inserts) == 1)
@@ -116,7 +132,7 @@ async def test_retry_reuses_the_deduplication_token(rig_factory: Callable[..., R
 
 
 async def test_tokens_differ_between_batches_and_instances(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=1)
+    rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
     rig.add(rows(1))
     rig.add(rows(1))
     await until(lambda: len(rig.sink.inserts) == 2)
@@ -127,7 +143,7 @@ async def test_tokens_differ_between_batches_and_instances(rig_factory: Callable
 
 
 async def test_permanent_error_fails_the_batch_and_moves_on(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=1)
+    rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
     rig.sink.failures = [ClickHouseError(27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED")]
     bad = rig.add(rows(1))
     good = rig.add(rows(1))
@@ -137,7 +153,7 @@ async def test_permanent_error_fails_the_batch_and_moves_on(rig_factory: Callabl
 
 
 async def test_unknown_code_is_retried_a_bounded_number_of_times(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=1)
+    rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
     rig.sink.failures = [ClickHouseError(12345, "NEW_ERROR")] * 10
     e = rig.add(rows(1))
     await until(lambda: e.state is State.FAILED)
@@ -211,7 +227,7 @@ async def test_no_answer_retries_on_a_short_cap_server_errors_on_the_long_one() 
 
 
 async def test_inserts_run_off_the_event_loop(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=1)
+    rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
     import threading
 
     gate = threading.Event()
