@@ -38,6 +38,7 @@ class RequestError(Exception):
         self.message = message
         self.reason = reason  # short label for metrics
         self.trailers = trailers  # trailing metadata sent with the error
+        self.counted = False  # already in the rejected-requests metric
 
 
 @dataclass(frozen=True, slots=True)

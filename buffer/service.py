@@ -80,9 +80,14 @@ class IngestService:
                                f"{exc}: this replica is shutting down, send to another one", "draining")
         except RequestError as exc:
             err = exc
-        self.rejected[err.reason][0] += 1
-        self.rejected[err.reason][1] += len(payload)
+        self._count(err, len(payload))
         raise err
+
+    def _count(self, err: RequestError, size: int) -> None:
+        if not err.counted and err.reason != "commit_failed":  # accepted rows that failed later are not refusals
+            self.rejected[err.reason][0] += 1
+            self.rejected[err.reason][1] += size
+            err.counted = True
 
     @staticmethod
     def _ack_level(raw: int) -> pb.AckLevel:
@@ -115,8 +120,8 @@ class IngestService:
                                + ". Dead-lettered rows are in the buffer's dead-letter store with ClickHouse's error",
                                "commit_failed")
 
-    @staticmethod
-    async def _abort(context: aio.ServicerContext[Any, Any], err: RequestError) -> None:
+    async def _abort(self, context: aio.ServicerContext[Any, Any], err: RequestError) -> None:
+        self._count(err, 0)  # refusals found before _accept: a malformed message, an unknown ack level
         if err.trailers:
             context.set_trailing_metadata(err.trailers)
         await context.abort(err.code, err.message)

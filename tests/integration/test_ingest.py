@@ -291,6 +291,8 @@ async def test_metrics_show_the_flow(clickhouse: ClickHouse, start_buffer: Calla
     await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 7)))
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Write(pb.WriteRequest(table="t", format=J, rows=b"{"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Write(pb.WriteRequest(table="t", format=J, rows=b"{}\n", ack_level=pb.ACK_LEVEL_DURABLE))
     await stub.Flush(pb.FlushRequest())
     status, text = await http_get(buf.http + "/metrics")
     assert status == 200
@@ -302,6 +304,7 @@ async def test_metrics_show_the_flow(clickhouse: ClickHouse, start_buffer: Calla
     assert values["ingest_buffer_accepted_rows_total"] == 7
     assert values["ingest_buffer_flushed_rows_total"] == 7
     assert values['ingest_buffer_rejected_requests_total{reason="truncated"}'] == 1
+    assert values['ingest_buffer_rejected_requests_total{reason="ack_unimplemented"}'] == 1
     assert values["ingest_buffer_buffer_rows"] == 0
     assert any(k.startswith("ingest_buffer_flush_duration_seconds_count") for k in values)
     assert (await http_get(buf.http + "/nope"))[0] == 404
