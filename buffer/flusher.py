@@ -100,6 +100,7 @@ class Flusher(Routine):
         self._in_flight: dict[Key, asyncio.Task[None]] = {}
         self._in_flight_batches: dict[Key, list[Entry]] = {}
         self.in_doubt_rows = 0
+        self.in_flight_grace = IN_FLIGHT_GRACE
         self._executor = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="flusher")
         self.not_flushed_rows = 0
         ring.wake_rows, ring.wake_bytes = policy.max_rows, policy.max_bytes
@@ -199,17 +200,18 @@ class Flusher(Routine):
         if in_flight:
             # An insert already sent may commit: give it a moment to say so, so that the count of
             # what did not reach ClickHouse is exact rather than a guess.
-            await asyncio.wait(in_flight, timeout=IN_FLIGHT_GRACE)
-        doubt = 0
-        for key, task in list(self._in_flight.items()):
-            if not task.done():
-                doubt += sum(e.rows for e in self._in_flight_batches.get(key, []))
-                task.cancel()
+            await asyncio.wait(in_flight, timeout=self.in_flight_grace)
+        # Taken before cancelling: the tasks' done-callbacks forget their batches.
+        doubtful = [self._in_flight_batches[key] for key, task in self._in_flight.items()
+                    if not task.done() and key in self._in_flight_batches]
+        for task in in_flight:
+            task.cancel()
         for task in in_flight:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        doubt = sum(e.rows for batch in doubtful for e in batch)
         if doubt:
-            for batch in self._in_flight_batches.values():
+            for batch in doubtful:
                 self.ring.release(batch, committed=False, reason="in_doubt_at_exit")
             self.in_doubt_rows += doubt
             log.error("%d rows were being inserted when the drain deadline passed; ClickHouse may or may not "

@@ -207,6 +207,30 @@ async def test_stop_after_deadline_reports_rows_not_flushed() -> None:
     assert ring.rows == 0
 
 
+async def test_an_insert_still_running_at_exit_is_in_doubt_not_lost() -> None:
+    import threading
+
+    clock = FakeClock()
+    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
+    sink = MemorySink(gate=threading.Event())  # the insert hangs, as one to a stalled server would
+    flusher = Flusher(ring, sink, FlushPolicy(1, 10_000, 1.0), clock=clock)
+    flusher.in_flight_grace = 0.05
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(4))
+    await until(lambda: not ring.queued_keys())  # taken and being inserted
+    ring.offer(rows(3))  # queued behind it: never sent
+    ring.close()
+    flusher.drain(clock() + 1)
+    clock.advance(2)
+    await flusher.stop()
+    await asyncio.wait_for(task, 5)
+    assert flusher.in_doubt_rows == 4 and flusher.not_flushed_rows == 3
+    assert dict(ring.counters.failed_rows) == {"in_doubt_at_exit": 4, "not_flushed_before_exit": 3}
+    assert ring.rows == 0
+    assert sink.gate is not None
+    sink.gate.set()
+
+
 async def test_backoff_grows_and_is_capped() -> None:
     f = Flusher(Ring(1, 1, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1, initial_backoff=0.1, max_backoff=1))
     samples = [f.backoff(attempt) for attempt in (1, 2, 3, 10) for _ in range(200)]
