@@ -35,6 +35,7 @@ from buffer.catalog import TableCatalog
 from buffer.checks import Finding, startup_checks
 from buffer.config import Config, parse_listen
 from buffer.deadletter import FileDeadLetters, TableDeadLetters
+from buffer.errors import clean_message
 from buffer.flusher import BatchResult, Flusher, FlushPolicy
 from buffer.ring import Ring, WhenFull
 from buffer.routines import PeriodicRoutine, Routine, Supervisor
@@ -82,7 +83,9 @@ class App:
         database = cfg.effective_database()
         self.catalog = TableCatalog(cfg.tables, None if cfg.tables else self.sink.tables, database)
         self.service = IngestService(self.ring, self.catalog, max_request_bytes=cfg.max_request_bytes,
-                                     block_timeout=cfg.block_timeout, on_barrier=self.flusher.wake)
+                                     block_timeout=cfg.block_timeout, on_barrier=self.flusher.wake,
+                                     dead_letters=(f"table {database}.{cfg.dead_letter_table}" if cfg.dead_letter_table
+                                                   else os.path.abspath(cfg.dead_letter_dir)))
         self.health = HealthServicer()
         # The gRPC limit sits above ours so an oversized payload gets our precise INVALID_ARGUMENT.
         grpc_limit = min(2**31 - 1, max(2 * cfg.max_request_bytes, cfg.max_request_bytes + 1024 * 1024))
@@ -116,6 +119,8 @@ class App:
 
     async def run(self) -> int:
         """Runs until stopped; returns the process exit code."""
+        if self.cfg.is_embedded and not await self._open_embedded():
+            return EXIT_CONFIG
         self.enabled = True  # readiness still waits for the gRPC listener (see _readyz)
         if not self.cfg.tables:
             with contextlib.suppress(TimeoutError):
@@ -125,6 +130,19 @@ class App:
         self.telemetry.shutdown()
         self.sink.close()
         return self._exit_code(clean)
+
+    async def _open_embedded(self) -> bool:
+        """The embedded engine either opens now or never will (its path is locked by another process):
+        fail the start rather than accept rows that could only be dead-lettered."""
+        try:
+            await asyncio.to_thread(self.sink.query_rows, "SELECT 1")
+            return True
+        except Exception as exc:
+            path = self.cfg.targets()[0].embedded_path
+            log.error("cannot open the embedded ClickHouse engine at %s: %s. chDB lets one process use a path at "
+                      "a time: is another ingest-buffer (or chdb program) using it? Stop it, or give this one "
+                      "its own --clickhouse-url chdb:///other/path", path, clean_message(str(exc))[:300])
+            return False
 
     async def run_startup_checks(self) -> list[Finding]:
         user = self.cfg.targets()[0].username if not self.cfg.is_embedded else ""
@@ -154,7 +172,9 @@ class App:
         if lost:
             log.error("exiting with %d accepted rows that did not reach ClickHouse", lost, extra=summary)
             return EXIT_ROWS_LOST
-        log.info("exiting: every accepted row reached ClickHouse", extra=summary)
+        kept = self.flusher.dead_lettered_rows
+        log.info("exiting: every accepted row reached ClickHouse" + (
+            f" or, {kept} refused for their data, the dead-letter store" if kept else ""), extra=summary)
         return EXIT_OK
 
     def stop(self) -> None:
@@ -237,7 +257,7 @@ class App:
     def _force_exit(self) -> None:
         lost = self.ring.rows
         log.error("forced exit: %d buffered rows are lost", lost, extra={"rows_not_flushed": lost})
-        os._exit(EXIT_ROWS_LOST if lost else EXIT_CRASHED)
+        os._exit(EXIT_ROWS_LOST if lost else EXIT_OK)
 
     # ----- HTTP routes ----------------------------------------------------------------------
 

@@ -142,6 +142,12 @@ def _send(args: argparse.Namespace) -> int:
         if stream is not sys.stdin.buffer:
             stream.close()
     print(json.dumps(summary))
+    flushed = summary.get("flushed")
+    if isinstance(flushed, dict) and flushed.get("rows_failed"):
+        print(f"ingest-buffer send: of the rows the buffer held at the flush barrier, {flushed['rows_failed']} did "
+              "not reach ClickHouse (refused for their data: see the buffer's log and its dead-letter store, "
+              "--dead-letter-dir)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -69,6 +69,19 @@ PERMANENT: dict[int, str] = {
 UNKNOWN_CODE_ATTEMPTS = 5
 
 _CODE_RE = re.compile(r"Code:\s*(\d+)")
+_REPEATED_PREFIX = re.compile(r"(Code: \d+\. DB::Exception: )(?:Code: \d+\. DB::Exception: )+")
+_TEMP_FILE = re.compile(r"\s*\(in file/uri [^)]*\)|\s*While executing [A-Za-z]+(?::|\.)?|"
+                        r":?\s*data for INSERT was parsed from file\.?")
+
+
+def clean_message(text: str) -> str:
+    """ClickHouse's message without what only confuses a reader: a repeated ``Code: N.
+    DB::Exception:`` prefix, the temporary file the embedded engine read, executor stage names."""
+    text = " ".join(text.split())
+    text = _REPEATED_PREFIX.sub(r"\1", text)
+    text = _TEMP_FILE.sub("", text)
+    text = re.sub(r"[\s:]+\(([A-Z][A-Z_]+)\)", r" (\1)", text)  # colons the removals left before (NAME)
+    return text.strip()
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,7 @@ def classify(exc: BaseException, attempt: int = 1) -> InsertFailure:
 
     ``attempt`` counts from 1; it matters only for codes in neither table.
     """
-    message = " ".join(str(exc).split())[:2000] or type(exc).__name__
+    message = clean_message(str(exc))[:2000] or type(exc).__name__
     code = error_code(exc)
     if code is None:
         if _is_transport_error(exc):

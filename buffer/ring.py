@@ -74,6 +74,21 @@ class EntryFailed(Exception):
     """Raised into COMMITTED waiters whose rows left the buffer without reaching ClickHouse."""
 
 
+_REASONS = {
+    "dead_lettered": "were refused by ClickHouse and written to the dead-letter store",
+    "rejected_by_clickhouse": "were refused by ClickHouse and could not be written to the dead-letter store",
+    "not_flushed_before_exit": "were not flushed before the drain deadline",
+    "in_doubt_at_exit": "were being inserted when the drain deadline passed",
+    "dropped_oldest": "were dropped to make room for newer rows (when_full=drop_oldest)",
+}
+
+
+def describe(reason: str) -> str:
+    """A failure reason (``kind`` or ``kind:CLICKHOUSE_ERROR``) in words."""
+    kind, _, error = reason.partition(":")
+    return _REASONS.get(kind, kind.replace("_", " ")) + (f" ({error})" if error else "")
+
+
 @dataclass
 class Counters:
     accepted_rows: int = 0
@@ -341,7 +356,7 @@ class Ring:
             else:
                 failed = entry.rows - entry.committed_rows
                 entry.waiter.set_exception(EntryFailed(
-                    f"{failed} of {entry.rows} rows {reason}" + (f": {detail}" if detail else "")))
+                    f"{failed} of {entry.rows} rows {describe(reason)}" + (f": {detail}" if detail else "")))
                 # A client that stopped waiting must not turn this into an "exception never
                 # retrieved" log line; one still awaiting gets the exception all the same.
                 entry.waiter.exception()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -52,8 +52,13 @@ def resolve_format(name: str | None, path: str | None) -> pb.Format:
     raise ValueError("reading stdin: pass --format (e.g. --format JSONEachRow)")
 
 
-def chunks(stream: BinaryIO, chunk_bytes: int, csv: bool) -> Iterator[tuple[bytes, int]]:
-    """Yields (payload of complete rows, row count); the tail without a final newline gets one."""
+def chunks(stream: BinaryIO, chunk_bytes: int, csv: bool,
+           on_unterminated: Callable[[], None] | None = None) -> Iterator[tuple[bytes, int]]:
+    """Yields (payload of complete rows, row count).
+
+    A file whose last line lacks its newline (common with editors) gets one, and
+    ``on_unterminated`` is called so the caller can say so: it may also be a truncated row.
+    """
     carry = b""
     while True:
         block = stream.read(chunk_bytes)
@@ -69,6 +74,8 @@ def chunks(stream: BinaryIO, chunk_bytes: int, csv: bool) -> Iterator[tuple[byte
     if carry.strip():
         if not carry.endswith(b"\n"):
             carry += b"\n"
+            if on_unterminated is not None:
+                on_unterminated()
         yield carry, carry.count(b"\n")
 
 
@@ -129,7 +136,10 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
 
     def requests() -> Iterator[pb.WriteStreamRequest]:
         if is_lines:
-            for payload, rows in chunks(stream, chunk_bytes, csv=name == "CSV"):
+            for payload, rows in chunks(stream, chunk_bytes, csv=name == "CSV", on_unterminated=lambda: print(
+                    "ingest-buffer send: the input does not end with a newline; its last line was sent as a "
+                    "complete row (if the file was cut short, that row is refused and dead-lettered)",
+                    file=sys.stderr)):
                 bar.update(len(payload), rows)
                 yield pb.WriteStreamRequest(table=table, format=fmt, rows=payload, ack_level=ack)
         else:

@@ -38,12 +38,13 @@ def _parse(message_type: Any, raw: Any) -> Any:
 
 class IngestService:
     def __init__(self, ring: Ring, catalog: TableCatalog, *, max_request_bytes: int,
-                 block_timeout: float, on_barrier: Any = None) -> None:
+                 block_timeout: float, on_barrier: Any = None, dead_letters: str = "") -> None:
         self.ring = ring
         self.catalog = catalog
         self.max_request_bytes = max_request_bytes
         self.block_timeout = block_timeout
         self.on_barrier = on_barrier  # called when a Flush starts, to wake the flusher
+        self.dead_letters = dead_letters  # where refused rows go, for error messages
         self.received_rows = 0
         self.received_bytes = 0
         self.received_requests = 0
@@ -103,8 +104,7 @@ class IngestService:
                            f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED",
                            "bad_ack_level")
 
-    @staticmethod
-    async def _committed(entries: list[Entry]) -> None:
+    async def _committed(self, entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises RequestError(ABORTED) if any failed."""
         failed: list[str] = []
         for entry in entries:
@@ -117,7 +117,7 @@ class IngestService:
             more = f" (and {len(failed) - 3} more requests)" if len(failed) > 3 else ""
             raise RequestError(grpc.StatusCode.ABORTED,
                                "rows were accepted but did not all reach ClickHouse: " + "; ".join(failed[:3]) + more
-                               + ". Dead-lettered rows are in the buffer's dead-letter store with ClickHouse's error",
+                               + f". Dead-lettered rows, with ClickHouse's error, are in {self.dead_letters}",
                                "commit_failed")
 
     async def _abort(self, context: aio.ServicerContext[Any, Any], err: RequestError) -> None:

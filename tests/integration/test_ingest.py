@@ -331,7 +331,8 @@ async def test_poison_rows_fail_a_committed_write_with_the_reason(clickhouse: Cl
                                          ack_level=pb.ACK_LEVEL_COMMITTED))
     assert info.value.code() == grpc.StatusCode.ABORTED
     details = info.value.details() or ""
-    assert "1 of 1 rows dead_lettered:" in details and "Cannot parse input" in details
+    assert "1 of 1 rows were refused by ClickHouse and written to the dead-letter store" in details
+    assert "Cannot parse input" in details and "dead-letters" in details, "says why, and where they are"
     # The queue is not blocked by it.
     await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 2), ack_level=pb.ACK_LEVEL_COMMITTED))
     assert clickhouse.count("t") == 2

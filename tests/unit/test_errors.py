@@ -46,3 +46,13 @@ def test_code_attribute_wins_over_message() -> None:
     exc = Exception("no code in text")
     exc.code = 252  # type: ignore[attr-defined]
     assert classify(exc).name == "TOO_MANY_PARTS"
+
+
+def test_messages_are_cleaned_for_readers() -> None:
+    from buffer.errors import clean_message
+
+    raw = ("Code: 26. DB::Exception: Code: 26. DB::Exception: Cannot parse quoted string: (at row 1)\n"
+           ": (in file/uri /tmp/tmpsgnpu_li.raw): While executing ParallelParsingBlockInputFormat: While executing "
+           "File: data for INSERT was parsed from file. (CANNOT_PARSE_QUOTED_STRING) (version 26.9.2.1)")
+    assert clean_message(raw) == ("Code: 26. DB::Exception: Cannot parse quoted string: (at row 1) "
+                                  "(CANNOT_PARSE_QUOTED_STRING) (version 26.9.2.1)")

@@ -358,7 +358,8 @@ async def test_isolation_tokens_are_deterministic() -> None:
 async def test_committed_waiter_hears_its_rows_were_dead_lettered_and_why() -> None:
     _, _, entries = await run_poison([b'{"a":"bad"}\n{"a":1}\n', b'{"a":2}\n'], waiters=True)
     assert entries[0].waiter is not None and entries[1].waiter is not None
-    with pytest.raises(EntryFailed, match=r"1 of 2 rows dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED: Code: 27"):
+    with pytest.raises(EntryFailed, match=r"1 of 2 rows were refused by ClickHouse and written to the dead-letter "
+                                          r"store \(CANNOT_PARSE_INPUT_ASSERTION_FAILED\): Code: 27"):
         await entries[0].waiter
     await entries[1].waiter
 

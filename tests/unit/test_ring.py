@@ -61,7 +61,7 @@ async def test_drop_oldest_evicts_pending_and_counts_intentional_drops() -> None
     assert first.state is State.FAILED and second.state is State.FAILED
     assert ring.counters.failed_rows["dropped_oldest"] == 2
     assert ring.bytes == 25
-    with pytest.raises(EntryFailed, match="dropped_oldest"):
+    with pytest.raises(EntryFailed, match=r"dropped to make room for newer rows \(when_full=drop_oldest\)"):
         await first.waiter
 
 
