@@ -217,6 +217,9 @@ class App:
             if wait:
                 log.info("accepting rows for %.1fs more (%s)", wait, why)
                 await asyncio.sleep(wait)
+            elif delay > 0:
+                log.warning("no %s: the drain deadline (--drain-timeout from the first drain signal) has passed",
+                            why)
             self.ring.close()
             self.refusing.set()
             log.info("refusing new rows; flushing %d buffered rows", self.ring.rows)

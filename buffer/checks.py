@@ -23,6 +23,7 @@ RECOMMENDED_WINDOW = 1000
 class Finding:
     level: str  # "error" or "warning"
     message: str
+    unreachable: bool = False  # ClickHouse did not answer at all
 
     def __str__(self) -> str:
         return f"{self.level}: {self.message}"
@@ -87,5 +88,5 @@ def _connection_finding(exc: Exception, database: str, user: str) -> Finding:
     if failure.code is None:
         return Finding("warning", (
             f"ClickHouse is not reachable ({failure.message[:200]}); rows are accepted up to the buffer's capacity "
-            "and flushed once it answers"))
+            "and flushed once it answers"), unreachable=True)
     return Finding("warning", f"could not run the startup checks: {failure.name}: {failure.message[:300]}")

@@ -28,14 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ingest-buffer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
-    if cfg.is_embedded:
-        try:
-            import chdb  # noqa: F401
-        except ImportError:
-            from buffer.sink import CHDB_MISSING
+    if cfg.is_embedded and not _chdb_installed():
+        from buffer.sink import CHDB_MISSING
 
-            print(f"ingest-buffer: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
-            return EXIT_CONFIG
+        print(f"ingest-buffer: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
+        return EXIT_CONFIG
 
     async def main() -> int:
         return await App(cfg).run()
@@ -53,6 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _chdb_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("chdb") is not None
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load(vars(args), config_file=args.config)
@@ -60,6 +63,11 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"ingest-buffer: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.masked(), indent=2))
+    if cfg.is_embedded and not _chdb_installed():
+        from buffer.sink import CHDB_MISSING
+
+        print(f"error: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
+        return 2
     if not args.connect:
         return 0
     from buffer.checks import startup_checks
@@ -75,7 +83,8 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f, file=sys.stderr)
     if not findings:
         print("ClickHouse: reachable, tables and deduplication settings look right", file=sys.stderr)
-    return 1 if any(f.level == "error" for f in findings) else 0
+    # Asked to connect, an unreachable ClickHouse is a failure (serve only warns: it buffers meanwhile).
+    return 1 if any(f.level == "error" or f.unreachable for f in findings) else 0
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -151,9 +160,46 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sql(args: argparse.Namespace) -> int:
+    from buffer.errors import clean_message
+    from buffer.sink import CHDB_MISSING, ClickHouseSink
+
+    try:
+        cfg = load(vars(args), config_file=args.config)
+    except ConfigError as exc:
+        print(f"ingest-buffer: {exc}", file=sys.stderr)
+        return 2
+    sink = ClickHouseSink(cfg)
+    try:
+        for statement in args.statement:
+            try:
+                out = sink.command(statement)
+            except Exception as exc:
+                text = clean_message(str(exc))
+                if cfg.is_embedded and ("EmbeddedServer" in text or "lock" in text.lower()):
+                    text += (" — the embedded engine's path is in use: stop the ingest-buffer serving it first "
+                             "(chDB lets one process use a path at a time)")
+                elif "chdb" in text.lower() and "install" in text.lower():
+                    text = CHDB_MISSING
+                print(f"ingest-buffer sql: {text}", file=sys.stderr)
+                return 1
+            if isinstance(out, (list, tuple)):
+                print("\t".join(map(str, out)))
+            elif isinstance(out, (str, int, float)) and out != "":
+                print(out)  # DDL and inserts return a summary object: nothing to show
+    finally:
+        sink.close()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from buffer.demo import run_demo
 
+    if not _chdb_installed():
+        from buffer.sink import CHDB_MISSING
+
+        print(f"ingest-buffer demo: {CHDB_MISSING}", file=sys.stderr)
+        return 2
     return run_demo(args.rows, args.data_dir)
 
 
@@ -199,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (auto: when it is a terminal)")
     snd.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
     snd.set_defaults(func=_send)
+
+    sql = sub.add_parser("sql", help="run SQL on the configured ClickHouse (e.g. create the tables)",
+                         epilog="With the embedded engine, stop the ingest-buffer serving that path first: chDB lets "
+                                "one process use a path at a time. " + EPILOG)
+    sql.add_argument("statement", nargs="+", help="SQL statements, run in order, in --database")
+    add_arguments(sql)
+    sql.set_defaults(func=_sql)
 
     demo = sub.add_parser("demo", help="run the buffer on the embedded engine, send rows, show them land")
     demo.add_argument("--rows", type=int, default=100_000, help="rows to send")

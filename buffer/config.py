@@ -331,7 +331,10 @@ def _validate(cfg: Config) -> None:
         bad("retry_max_backoff", "is smaller than --retry-initial-backoff")
     for name in ("grpc_listen", "http_listen"):
         try:
-            parse_listen(getattr(cfg, name), allow_unix=name == "grpc_listen")
+            target = parse_listen(getattr(cfg, name), allow_unix=name == "grpc_listen")
+            if isinstance(target, str) and not os.path.isdir(os.path.dirname(target) or "."):
+                bad(name, f"the directory of the socket, {os.path.dirname(target)}, does not exist: create it "
+                          "(in Kubernetes: mount a shared emptyDir there)")
         except ValueError as exc:
             bad(name, str(exc))
     urls = [u.strip() for u in cfg.clickhouse_url.split(",")]

@@ -63,7 +63,7 @@ def run_demo(rows: int, data_dir: str) -> int:
                 return await running
             await asyncio.sleep(0.05)
         say(f"ingest-buffer is up: gRPC 127.0.0.1:{grpc_port}, admin http://127.0.0.1:{http_port} "
-            f"(readyz, metrics), ClickHouse: embedded chDB in {data_dir}")
+            f"(readyz, metrics), ClickHouse: embedded chDB in {os.path.join(data_dir, 'chdb')}")
         payload = demo_rows(rows)
         say(f"sending {rows:,} JSONEachRow rows ({len(payload) / 1e6:.1f} MB) to table {TABLE} over one gRPC stream…")
         summary = await asyncio.to_thread(
@@ -80,7 +80,9 @@ def run_demo(rows: int, data_dir: str) -> int:
         say(table if isinstance(table, str) else "\n".join(map(str, table)))
         app.stop()
         code = await running
-        say(f"drained and stopped (exit code {code}). Run it yourself: ingest-buffer serve --help")
+        say(f"drained and stopped (exit code {code}). Go on with the same data: ingest-buffer serve "
+            f"--clickhouse-url chdb://{os.path.join(data_dir, 'chdb')}")
+        say(f"  then, from another shell: ingest-buffer send FILE.jsonl --table {TABLE} --flush")
         return code if after - before == rows else 1
 
     return asyncio.run(main())

@@ -268,8 +268,10 @@ class Flusher(Routine):
                           extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
                 return failure, attempt
             self.stats.retries += 1
-            log.warning("insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay, attempt,
-                        failure.message[:300], extra={"table": table, "rows": rows, "code": failure.code})
+            # One line when trouble starts, then one every tenth attempt: an outage is not a log flood.
+            (log.warning if attempt == 1 or attempt % 10 == 0 else log.debug)(
+                "insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay, attempt,
+                failure.message[:300], extra={"table": table, "rows": rows, "code": failure.code})
             await asyncio.sleep(delay)
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
@@ -291,6 +293,7 @@ class Flusher(Routine):
                 self.ring.release(batch, committed=True)
                 self.stats.batches += 1
                 self.stats.last_success = time.time()
+                self.stats.last_error = ""
                 log.info("flushed %d rows (%d bytes) into %s in %.3fs", rows, len(payload), table, seconds,
                          extra={"table": table, "format": fmt, "rows": rows, "bytes": len(payload),
                                 "attempts": attempts, "seconds": round(seconds, 4), "token": token})

@@ -42,16 +42,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _QuietLibraries(logging.Filter):
+    """Keeps the HTTP stack's per-retry lines out: the flusher reports each failure itself, with the
+    table and row count. A filter, not a level, because clickhouse-connect resets urllib3's level
+    when it is imported."""
+
+    NOISY = ("urllib3", "clickhouse_connect")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(self.NOISY)
+
+
 def setup(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_QuietLibraries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries below us log per request and per retry; the flusher already reports each failure
-    # once, with the table and row count, so theirs would only repeat it.
-    for noisy in ("clickhouse_connect", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(logging.ERROR, root.level))
     logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))

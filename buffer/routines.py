@@ -165,6 +165,7 @@ class Supervisor:
                 except Exception as exc:
                     log.error("routine %s failed to start: %s", routine.name, exc)
                     self.crashed.append((routine.name, exc))
+                    self._stop.set()  # what already runs is now being stopped, not ending on its own
                     break
                 started.append(routine)
                 task = asyncio.create_task(routine.run(), name=routine.name)

@@ -86,6 +86,14 @@ def test_grace_period_is_derived_from_the_drain_deadline() -> None:
     assert env["INGEST_BUFFER_DRAIN_TIMEOUT"] == "40s"
 
 
+def test_dead_letters_can_outlive_the_pod() -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "gateway-values.yaml")))
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["INGEST_BUFFER_DEAD_LETTER_TABLE"] == "dead_letters"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["ingest-buffer-data"]["persistentVolumeClaim"]["claimName"] == "ingest-buffer-dead-letters"
+
+
 def test_credentials_come_from_a_secret_file() -> None:
     spec = pod_spec(render(values_file(CHART / "ci" / "gateway-values.yaml")))
     container = spec["containers"][0]

@@ -247,3 +247,27 @@ def test_bad_settings_exit_2_with_the_fix(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, "-m", "buffer", "check-config", "--clickhouse-url",
                             "https://u:topsecret@ch:8443/db"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert shown.returncode == 0 and "topsecret" not in shown.stdout and "u:***@ch:8443" in shown.stdout
+
+
+def test_sql_command_creates_tables_and_check_config_connect_is_a_gate(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.lifecycle.conftest import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "buffer", *args], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT)
+
+    url = f"chdb://{tmp_path / 'chdb'}"
+    made = cli("sql", "--clickhouse-url", url, "CREATE TABLE t (id UInt64) ENGINE = MergeTree ORDER BY id "
+               "SETTINGS non_replicated_deduplication_window = 100", "INSERT INTO t VALUES (1), (2)",
+               "SELECT count() FROM t")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == "2"
+    bad = cli("sql", "--clickhouse-url", url, "SELECT nope FROM t")
+    assert bad.returncode == 1 and "UNKNOWN_IDENTIFIER" in bad.stderr and "DB::Exception: Code" not in bad.stderr
+    ok = cli("check-config", "--connect", "--clickhouse-url", url, "--tables", "t")
+    assert ok.returncode == 0, ok.stderr
+    down = cli("check-config", "--connect", "--clickhouse-url", "http://127.0.0.1:9/")
+    assert down.returncode == 1 and "not reachable" in down.stderr

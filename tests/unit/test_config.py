@@ -94,3 +94,9 @@ def test_masked_config_hides_passwords() -> None:
     shown = cfg.masked()
     assert "hunter2" not in str(shown) and shown["clickhouse_url"] == "http://bob:***@h:8123/db"
     assert mask_url("http://h:8123") == "http://h:8123"
+
+
+def test_a_unix_socket_needs_its_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist: create it"):
+        load({"grpc_listen": f"unix:{tmp_path}/missing/grpc.sock"}, env={})
+    assert load({"grpc_listen": f"unix:{tmp_path}/grpc.sock"}, env={}).grpc_listen.endswith("grpc.sock")

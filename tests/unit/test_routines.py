@@ -157,3 +157,18 @@ async def test_admin_drain_route_answers_only_loopback_callers() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await server._respond(reader, "10.1.2.3"))[0] == 200, "probes come from the kubelet, off-host"
+
+
+async def test_library_retry_chatter_is_filtered_but_errors_pass() -> None:
+    import logging
+
+    from buffer.logs import _QuietLibraries
+
+    f = _QuietLibraries()
+
+    def rec(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, "", 0, "msg", (), None)
+
+    assert not f.filter(rec("urllib3.connectionpool", logging.WARNING))
+    assert f.filter(rec("urllib3.connectionpool", logging.ERROR))
+    assert f.filter(rec("buffer.flusher", logging.WARNING))

@@ -116,6 +116,10 @@ The grace period must cover the drain deadline plus the exit; derived unless set
   value: /var/lib/ingest-buffer/dead-letters
 - name: INGEST_BUFFER_DEAD_LETTER_MAX_BYTES
   value: {{ .Values.deadLetters.maxBytes | quote }}
+{{- if .Values.deadLetters.table }}
+- name: INGEST_BUFFER_DEAD_LETTER_TABLE
+  value: {{ .Values.deadLetters.table | quote }}
+{{- end }}
 - name: INGEST_BUFFER_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: INGEST_BUFFER_LOG_FORMAT
@@ -196,8 +200,13 @@ volumeMounts:
 
 {{- define "ingest-buffer.volumes" -}}
 - name: ingest-buffer-data
+{{- if .Values.deadLetters.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.deadLetters.existingClaim }}
+{{- else }}
   emptyDir:
     sizeLimit: {{ .Values.deadLetters.sizeLimit }}
+{{- end }}
 {{- if include "ingest-buffer.passwordSecret" . }}
 - name: ingest-buffer-clickhouse
   secret:
