@@ -271,3 +271,17 @@ def test_sql_command_creates_tables_and_check_config_connect_is_a_gate(tmp_path:
     assert ok.returncode == 0, ok.stderr
     down = cli("check-config", "--connect", "--clickhouse-url", "http://127.0.0.1:9/")
     assert down.returncode == 1 and "not reachable" in down.stderr
+
+
+def test_the_readme_demo_runs(tmp_path: Path) -> None:
+    """The README's first command ends in `ingest-buffer demo`: it must keep working."""
+    import subprocess
+    import sys
+
+    from tests.lifecycle.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "buffer", "demo", "--rows", "5000", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 before, 5,000 now (+5,000)" in out.stdout
+    assert f"chdb://{tmp_path / 'chdb'}" in out.stdout, "it names the engine path to go on with"
