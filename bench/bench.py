@@ -57,7 +57,7 @@ PHASES = {"baseline/1": 1, "baseline/1000": 2, "bulk": 3, "unary/1": 4, "unary/1
           "stream/1": 6, "stream/1000": 7}
 ID_SPAN = 10**10
 SERVE_SETTINGS = ["--database", DB, "--tables", TABLE, "--when-full", "block", "--buffer-max-bytes", "256MiB",
-                  "--buffer-max-rows", "4000000", "--flush-max-rows", "500000", "--flush-max-bytes", "64MiB",
+                  "--buffer-max-rows", "4000000", "--flush-max-rows", "100000", "--flush-max-bytes", "64MiB",
                   "--flush-interval", "250ms", "--linger", "0s", "--drain-timeout", "60s", "--log-level", "warning"]
 
 
