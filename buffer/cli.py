@@ -12,27 +12,41 @@ import urllib.request
 from collections.abc import Sequence
 
 from buffer import __version__
-from buffer.config import ENV_PREFIX, ConfigError, add_arguments, load, parse_listen
+from buffer.config import ENV_PREFIX, Config, ConfigError, add_arguments, load, parse_listen
 
 EPILOG = (f"Every setting is also read from the environment as {ENV_PREFIX}<NAME> "
           f"(e.g. {ENV_PREFIX}CLICKHOUSE_URL) and from a TOML file given with --config.")
+
+
+def _config(args: argparse.Namespace) -> Config | None:
+    """The validated settings, or None after printing what is wrong."""
+    try:
+        return load(vars(args), config_file=args.config)
+    except ConfigError as exc:
+        print(f"ingest-buffer: {exc}", file=sys.stderr)
+        return None
+
+
+def _chdb_missing(what: str) -> bool:
+    """True (after saying what to install) when the embedded engine is needed but not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("chdb") is not None:
+        return False
+    from buffer.sink import CHDB_MISSING
+
+    print(f"ingest-buffer: {what}: {CHDB_MISSING}", file=sys.stderr)
+    return True
 
 
 def _serve(args: argparse.Namespace) -> int:
     from buffer import logs
     from buffer.app import EXIT_CONFIG, App
 
-    try:
-        cfg = load(vars(args), config_file=args.config)
-    except ConfigError as exc:
-        print(f"ingest-buffer: {exc}", file=sys.stderr)
+    cfg = _config(args)
+    if cfg is None or (cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}")):
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
-    if cfg.is_embedded and not _chdb_installed():
-        from buffer.sink import CHDB_MISSING
-
-        print(f"ingest-buffer: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
-        return EXIT_CONFIG
 
     async def main() -> int:
         return await App(cfg).run()
@@ -50,23 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def _chdb_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("chdb") is not None
-
-
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(vars(args), config_file=args.config)
-    except ConfigError as exc:
-        print(f"ingest-buffer: {exc}", file=sys.stderr)
+    cfg = _config(args)
+    if cfg is None:
         return 2
     print(json.dumps(cfg.masked(), indent=2))
-    if cfg.is_embedded and not _chdb_installed():
-        from buffer.sink import CHDB_MISSING
-
-        print(f"error: --clickhouse-url {cfg.clickhouse_url}: {CHDB_MISSING}", file=sys.stderr)
+    if cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}"):
         return 2
     if not args.connect:
         return 0
@@ -162,12 +165,10 @@ def _send(args: argparse.Namespace) -> int:
 
 def _sql(args: argparse.Namespace) -> int:
     from buffer.errors import clean_message
-    from buffer.sink import CHDB_MISSING, ClickHouseSink
+    from buffer.sink import ClickHouseSink
 
-    try:
-        cfg = load(vars(args), config_file=args.config)
-    except ConfigError as exc:
-        print(f"ingest-buffer: {exc}", file=sys.stderr)
+    cfg = _config(args)
+    if cfg is None or (cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}")):
         return 2
     sink = ClickHouseSink(cfg)
     try:
@@ -179,8 +180,6 @@ def _sql(args: argparse.Namespace) -> int:
                 if cfg.is_embedded and ("EmbeddedServer" in text or "lock" in text.lower()):
                     text += (" — the embedded engine's path is in use: stop the ingest-buffer serving it first "
                              "(chDB lets one process use a path at a time)")
-                elif "chdb" in text.lower() and "install" in text.lower():
-                    text = CHDB_MISSING
                 print(f"ingest-buffer sql: {text}", file=sys.stderr)
                 return 1
             if isinstance(out, (list, tuple)):
@@ -195,10 +194,7 @@ def _sql(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from buffer.demo import run_demo
 
-    if not _chdb_installed():
-        from buffer.sink import CHDB_MISSING
-
-        print(f"ingest-buffer demo: {CHDB_MISSING}", file=sys.stderr)
+    if _chdb_missing("demo"):
         return 2
     return run_demo(args.rows, args.data_dir)
 
