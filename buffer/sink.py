@@ -83,14 +83,11 @@ class ClickHouseSink:
         self.insert_timeout = cfg.insert_timeout
         self.ca_file = cfg.clickhouse_ca_file or None
         self.compression = None if cfg.clickhouse_compression == "none" else cfg.clickhouse_compression
+        self.embedded = cfg.is_embedded  # no HTTP body to compress
         self._preferred = 0
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
-
-    @property
-    def target(self) -> ClickHouseTarget:
-        return self.endpoints[0].target
 
     def _choose(self) -> Endpoint:
         preferred = self.endpoints[self._preferred]
@@ -153,7 +150,7 @@ class ClickHouseSink:
         )
 
     def insert(self, table: str, fmt: str, payload: bytes, token: str) -> None:
-        compression = self.compression if self.endpoints[0].target.embedded_path is None else None
+        compression = None if self.embedded else self.compression
         body = compress(payload, compression) if compression else payload
         self._call(lambda client: client.raw_insert(
             f"{quote_identifier(self.database)}.{quote_identifier(table)}", None, body,
