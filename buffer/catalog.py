@@ -32,7 +32,6 @@ class TableCatalog:
         self.reachable: bool | None = None  # None until the first look-up
         self._last_refresh = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
-        self._warned_unverified = False
 
     async def refresh(self) -> None:
         if self.list_tables is None:

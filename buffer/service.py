@@ -23,10 +23,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 ACCEPTED_MESSAGES_KEY = "accepted-messages"
 
 
-def _parse(message_type: Any, raw: Any) -> Any:
+def _parse(message_type: Any, raw: bytes) -> Any:
     """Decodes a request here rather than in gRPC, whose failure would be a bare INTERNAL."""
-    if not isinstance(raw, bytes):
-        return raw  # already a message (direct calls in tests)
     try:
         return message_type.FromString(raw)
     except Exception as exc:  # protobuf raises DecodeError, and on some inputs others
@@ -128,7 +126,7 @@ class IngestService:
 
     # ----- RPCs -----------------------------------------------------------------------------
 
-    async def Write(self, raw: bytes | pb.WriteRequest, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+    async def Write(self, raw: bytes, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         try:
             request = _parse(pb.WriteRequest, raw)
             ack = self._ack_level(request.ack_level)
@@ -139,7 +137,7 @@ class IngestService:
             await self._abort(context, err)
         return pb.WriteResponse(rows=entry.rows, bytes=entry.size, ack_level=ack)
 
-    async def WriteStream(self, request_iterator: AsyncIterator[bytes | pb.WriteStreamRequest],
+    async def WriteStream(self, request_iterator: AsyncIterator[bytes],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
         messages = rows = size = 0
         ack: pb.AckLevel = pb.ACK_LEVEL_BUFFERED
