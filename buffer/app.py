@@ -77,7 +77,7 @@ class App:
         self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock)
         self.flusher = Flusher(
             self.ring, self.sink,
-            FlushPolicy(cfg.flush_max_rows, cfg.flush_max_bytes, cfg.flush_interval, cfg.inserts_in_flight,
+            FlushPolicy(cfg.flush_max_rows, cfg.flush_max_bytes, cfg.flush_interval, cfg.flush_concurrency,
                         cfg.retry_initial_backoff, cfg.retry_max_backoff),
             clock=clock, on_batch=self._record_batch, tracer=self.telemetry.tracer, dead_letters=self.dead_letters)
         database = cfg.effective_database()

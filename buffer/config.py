@@ -108,8 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("flush_max_bytes", 16 * 1024**2,
             "flush a table's batch once it holds this many bytes; also the most one insert carries", parse_size),
     Setting("flush_interval", 1.0, "flush a table's batch once its oldest row is this old", parse_duration),
-    Setting("flush_concurrency", 0,
-            "inserts in flight at once (0 = 1 for chdb, 2 for a server)", parse_int),
+    Setting("flush_concurrency", 2,
+            "inserts in flight at once; a table with a backlog of full batches may use them all", parse_int),
     Setting("insert_timeout", 30.0, "time limit of one insert to a ClickHouse server", parse_duration),
     Setting("retry_initial_backoff", 0.2, "first wait before retrying a failed insert", parse_duration),
     Setting("retry_max_backoff", 10.0, "longest wait between retries of a failed insert", parse_duration),
@@ -175,12 +175,6 @@ class Config:
     @property
     def is_embedded(self) -> bool:
         return self.clickhouse_url.startswith("chdb:")
-
-    @property
-    def inserts_in_flight(self) -> int:
-        if self.flush_concurrency:
-            return self.flush_concurrency
-        return 1 if self.is_embedded else 2
 
     def effective_database(self) -> str:
         if self.database:
@@ -307,7 +301,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 _POSITIVE = ("buffer_max_bytes", "buffer_max_rows", "max_request_bytes", "flush_max_rows", "flush_max_bytes",
              "flush_interval", "insert_timeout", "retry_initial_backoff", "retry_max_backoff", "drain_timeout",
-             "dead_letter_max_bytes")
+             "dead_letter_max_bytes", "flush_concurrency")
 
 
 def _validate(cfg: Config) -> None:
@@ -319,7 +313,7 @@ def _validate(cfg: Config) -> None:
     for name in _POSITIVE:
         if getattr(cfg, name) <= 0:
             bad(name, "must be greater than 0")
-    for name in ("block_timeout", "propagation_delay", "linger", "flush_concurrency"):
+    for name in ("block_timeout", "propagation_delay", "linger"):
         if getattr(cfg, name) < 0:
             bad(name, "must not be negative")
     if cfg.max_request_bytes > cfg.buffer_max_bytes:

@@ -15,8 +15,10 @@ counted and logged as not flushed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import time
@@ -97,8 +99,10 @@ class Flusher(Routine):
         self.deadline: float | None = None
         self._stopping = False
         self._wake = asyncio.Event()
-        self._in_flight: dict[Key, asyncio.Task[None]] = {}
-        self._in_flight_batches: dict[Key, list[Entry]] = {}
+        # Inserts under way: batch number → (key, batch, task); a key may have several (backlogs).
+        self._in_flight: dict[int, tuple[Key, list[Entry], asyncio.Task[None]]] = {}
+        self._busy: collections.Counter[Key] = collections.Counter()
+        self._batch_numbers = itertools.count()
         self.in_doubt_rows = 0
         self.in_flight_grace = IN_FLIGHT_GRACE
         self._executor = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="flusher")
@@ -140,15 +144,19 @@ class Flusher(Routine):
         rows, size, oldest = self.ring.queued(key)
         if not rows:
             return False
+        p = self.policy
+        if rows >= p.max_rows or size >= p.max_bytes:
+            return True  # a full batch goes out even while another of the key's batches is in flight
+        if self._busy[key]:
+            return False  # a partial batch waits for the key's insert to finish, and grows meanwhile
         if self.ring.barrier_waiting or (self.draining and self.ring.closed):
             return True
-        p = self.policy
-        return rows >= p.max_rows or size >= p.max_bytes or (oldest is not None and now - oldest >= self._max_age())
+        return oldest is not None and now - oldest >= self._max_age()
 
     def _next_timeout(self, now: float) -> float | None:
         waits = []
         for key in self.ring.queued_keys():
-            if key in self._in_flight:
+            if self._busy[key]:
                 continue
             _, _, oldest = self.ring.queued(key)
             if oldest is not None:
@@ -164,16 +172,15 @@ class Flusher(Routine):
                 if self._stopping and (self.ring.outstanding == 0 or self._past_deadline()):
                     break
                 for key in self.ring.queued_keys():
-                    if len(self._in_flight) >= self.policy.concurrency:
-                        break
-                    if key not in self._in_flight and self._due(key, now):
+                    while len(self._in_flight) < self.policy.concurrency and self._due(key, now):
                         # max_rows only triggers a flush; a backlog goes out in batches as large as
                         # max_bytes allows, because ClickHouse ingests fewer, larger inserts faster.
                         batch = self.ring.take(key, self.ring.max_rows, self.policy.max_bytes)
-                        self._in_flight_batches[key] = batch
+                        number = next(self._batch_numbers)
                         task = asyncio.create_task(self._flush(key, batch), name=f"flush {key[0]}")
-                        self._in_flight[key] = task
-                        task.add_done_callback(functools.partial(self._flush_done, key))
+                        self._in_flight[number] = (key, batch, task)
+                        self._busy[key] += 1
+                        task.add_done_callback(functools.partial(self._flush_done, number))
                 self._wake.clear()
                 self.ring.arrived.clear()
                 timeout = self._next_timeout(self.clock())
@@ -186,9 +193,12 @@ class Flusher(Routine):
         finally:
             await self._finish()
 
-    def _flush_done(self, key: Key, _task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(key, None)
-        self._in_flight_batches.pop(key, None)
+    def _flush_done(self, number: int, _task: asyncio.Task[None]) -> None:
+        done = self._in_flight.pop(number, None)
+        if done is not None:
+            self._busy[done[0]] -= 1
+            if not self._busy[done[0]]:
+                del self._busy[done[0]]
         self.wake()
 
     def _past_deadline(self) -> bool:
@@ -196,14 +206,13 @@ class Flusher(Routine):
 
     async def _finish(self) -> None:
         """Leaves nothing silent: whatever is still outstanding is counted and logged."""
-        in_flight = list(self._in_flight.values())
+        in_flight = [task for _, _, task in self._in_flight.values()]
         if in_flight:
             # An insert already sent may commit: give it a moment to say so, so that the count of
             # what did not reach ClickHouse is exact rather than a guess.
             await asyncio.wait(in_flight, timeout=self.in_flight_grace)
         # Taken before cancelling: the tasks' done-callbacks forget their batches.
-        doubtful = [self._in_flight_batches[key] for key, task in self._in_flight.items()
-                    if not task.done() and key in self._in_flight_batches]
+        doubtful = [batch for _, batch, task in self._in_flight.values() if not task.done()]
         for task in in_flight:
             task.cancel()
         for task in in_flight:
@@ -276,8 +285,8 @@ class Flusher(Routine):
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key
-        payload = b"".join(e.payload for e in batch)
         rows = sum(e.rows for e in batch)
+        size = sum(e.size for e in batch)
         token = self.token(batch)
         t0 = time.monotonic()
         attempts = 0
@@ -285,8 +294,12 @@ class Flusher(Routine):
         settled = False
         span = self.tracer.start_span("ingest_buffer.flush", attributes={
             "db.system": "clickhouse", "db.collection.name": table, "ingest_buffer.format": fmt,
-            "ingest_buffer.rows": rows, "ingest_buffer.bytes": len(payload), "ingest_buffer.token": token})
+            "ingest_buffer.rows": rows, "ingest_buffer.bytes": size, "ingest_buffer.token": token})
         try:
+            # Joined in a worker thread: copying megabytes on the event loop would stall the
+            # writers, and bytes.join lets other threads run while it copies a large batch.
+            payload = await asyncio.get_running_loop().run_in_executor(
+                self._executor, b"".join, [e.payload for e in batch])
             failure, attempts = await self._insert(table, fmt, payload, token, rows)
             seconds = time.monotonic() - t0
             if failure is None:
@@ -294,8 +307,8 @@ class Flusher(Routine):
                 self.stats.batches += 1
                 self.stats.last_success = time.time()
                 self.stats.last_error = ""
-                log.info("flushed %d rows (%d bytes) into %s in %.3fs", rows, len(payload), table, seconds,
-                         extra={"table": table, "format": fmt, "rows": rows, "bytes": len(payload),
+                log.info("flushed %d rows (%d bytes) into %s in %.3fs", rows, size, table, seconds,
+                         extra={"table": table, "format": fmt, "rows": rows, "bytes": size,
                                 "attempts": attempts, "seconds": round(seconds, 4), "token": token})
             elif failure.retryable:
                 self.ring.release(batch, committed=False, reason="not_flushed_before_exit")
@@ -312,7 +325,7 @@ class Flusher(Routine):
                     span.set_attribute("ingest_buffer.error", failure.name)
             span.end()
             if self.on_batch is not None:
-                self.on_batch(BatchResult(key, rows, len(payload), attempts, time.monotonic() - t0,
+                self.on_batch(BatchResult(key, rows, size, attempts, time.monotonic() - t0,
                                           failure is None and settled, failure))
 
     # ----- poison rows ----------------------------------------------------------------------

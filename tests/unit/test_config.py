@@ -13,7 +13,7 @@ def test_defaults_run_on_the_embedded_engine() -> None:
     cfg = load({}, env={})
     assert cfg.is_embedded and cfg.mode == "sidecar" and cfg.when_full == "block"
     assert cfg.effective_database() == "default"
-    assert cfg.inserts_in_flight == 1
+    assert cfg.flush_concurrency == 2
 
 
 def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
@@ -34,10 +34,10 @@ def test_every_error_names_the_setting_and_env_var() -> None:
     assert "--mode: 'bogus' is not one of sidecar, gateway" in text
     assert "INGEST_BUFFER_BUFFER_MAX_BYTES: 'lots' is not a size" in text and "64MiB" in text
     with pytest.raises(ConfigError) as info:
-        load({"grpc_listen": "nowhere", "flush_concurrency": "-1"}, env={})
+        load({"grpc_listen": "nowhere", "flush_concurrency": "0"}, env={})
     text = str(info.value)
     assert "--grpc-listen (INGEST_BUFFER_GRPC_LISTEN)" in text and "unix:/path" in text
-    assert "--flush-concurrency (INGEST_BUFFER_FLUSH_CONCURRENCY): must not be negative" in text
+    assert "--flush-concurrency (INGEST_BUFFER_FLUSH_CONCURRENCY): must be greater than 0" in text
 
 
 def test_cross_setting_checks() -> None:

@@ -100,6 +100,44 @@ async def test_a_backlog_goes_out_in_batches_bounded_by_bytes_not_rows(rig_facto
     assert sizes[0] == 10 and max(sizes) == 50 and len(sizes) == 4, sizes
 
 
+async def test_full_batches_of_one_table_go_out_side_by_side(rig_factory: Callable[..., Rig]) -> None:
+    import threading
+
+    rig = rig_factory(max_rows=10, concurrency=2)
+    gate = threading.Event()
+    rig.sink.gate = gate
+    rig.add(rows(10))
+    await until(lambda: not rig.ring.queued_keys())  # the first insert waits at the gate
+    rig.add(rows(10))
+    await until(lambda: not rig.ring.queued_keys())  # a second full batch starts beside it
+    rig.add(rows(10))
+    await asyncio.sleep(0.05)
+    assert rig.ring.queued(KEY)[0] == 10, "no third insert: both slots are busy"
+    gate.set()
+    await until(lambda: rig.sink.rows() == 30)
+    assert len(rig.sink.inserts) == 3 and len({i.token for i in rig.sink.inserts}) == 3
+
+
+async def test_a_partial_batch_waits_for_its_tables_insert_and_grows(rig_factory: Callable[..., Rig]) -> None:
+    import threading
+
+    rig = rig_factory(max_rows=10, concurrency=2)
+    gate = threading.Event()
+    rig.sink.gate = gate
+    rig.add(rows(10))
+    await until(lambda: not rig.ring.queued_keys())
+    rig.add(rows(3))
+    barrier = rig.ring.barrier()
+    rig.flusher.wake()
+    rig.clock.advance(5)  # old, and a barrier waits: still not worth a second, tiny insert yet
+    await asyncio.sleep(0.05)
+    rig.add(rows(4))
+    assert rig.ring.queued(KEY)[0] == 7
+    gate.set()
+    await asyncio.wait_for(barrier.done, 5)
+    assert [i.payload.count(b"\n") for i in rig.sink.inserts] == [10, 7]
+
+
 async def test_flushes_at_max_bytes(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(max_bytes=80)
     for _ in range(10):
