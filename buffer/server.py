@@ -47,7 +47,8 @@ class GrpcServer(Routine):
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ])
-        server.add_generic_rpc_handlers((self.service.handler(),))
+        # Registered (not generic) handlers: gRPC matches their paths in C, a few percent per call.
+        server.add_registered_method_handlers(SERVICE_NAME, self.service.method_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -173,9 +173,9 @@ class IngestService:
         ok, failed = barrier.outcome()
         return pb.FlushResponse(rows_committed=ok, rows_failed=failed)
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The service's method handlers; Write and WriteStream take raw bytes (see _parse)."""
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        return {
             "Write": grpc.unary_unary_rpc_method_handler(
                 self.Write, request_deserializer=None, response_serializer=pb.WriteResponse.SerializeToString),
             "WriteStream": grpc.stream_unary_rpc_method_handler(
@@ -184,4 +184,4 @@ class IngestService:
             "Flush": grpc.unary_unary_rpc_method_handler(
                 self.Flush, request_deserializer=pb.FlushRequest.FromString,
                 response_serializer=pb.FlushResponse.SerializeToString),
-        })
+        }
