@@ -59,6 +59,10 @@ class TableCatalog:
                             "unverified until it answers", self.database, exc)
             self.reachable = False
 
+    def allows(self, table: str) -> bool:
+        """True when the table is known to be allowed, without asking ClickHouse (the fast path)."""
+        return table in self.allowlist if self.allowlist else table in self.known
+
     async def check(self, table: str) -> None:
         """Raises RequestError(NOT_FOUND) for a table the client may not write to."""
         if self.allowlist:

@@ -152,6 +152,13 @@ class Ring:
         """A hint for rejected clients: roughly how long until there may be room."""
         return 0.5 if self.bytes < self.max_bytes else 1.0
 
+    def try_admit(self, entry: Entry) -> bool:
+        """Adds the entry if it fits right now without dropping or waiting; False otherwise."""
+        if self._closed or self._blocked or not self._fits(entry):
+            return False
+        self._admit(entry)
+        return True
+
     def offer(self, entry: Entry) -> None:
         """Adds the entry now or raises BufferFull / BufferClosed. Never waits."""
         if self._closed:

@@ -60,10 +60,13 @@ class IngestService:
             checked = check_request(req.table, req.format, payload, req.row_count, self.max_request_bytes,
                                     self.ring.max_rows)
             self.received_rows += checked.rows
-            await self.catalog.check(checked.table)
+            if not self.catalog.allows(checked.table):
+                await self.catalog.check(checked.table)
             entry = Entry((checked.table, checked.format), payload, checked.rows)
             if ack == pb.ACK_LEVEL_COMMITTED:
                 entry.waiter = asyncio.get_running_loop().create_future()
+            if self.ring.try_admit(entry):  # the common case, with room: no waiting to set up
+                return entry
             timeout = self.block_timeout
             remaining = context.time_remaining()
             if remaining is not None:

@@ -74,6 +74,24 @@ async def test_drop_oldest_never_drops_in_flight_rows() -> None:
     assert batch[0].state is State.IN_FLIGHT
 
 
+async def test_try_admit_takes_only_what_fits_now_and_never_drops_or_jumps_the_queue() -> None:
+    ring = Ring(30, 100, WhenFull.DROP_OLDEST)
+    first = entry(20)
+    assert ring.try_admit(first) and first.seq == 1
+    assert not ring.try_admit(entry(20)), "no room: the caller decides (offer / put)"
+    assert first.state is State.PENDING, "nothing dropped"
+    block = Ring(30, 100, WhenFull.BLOCK)
+    block.offer(entry(25))
+    waiting = asyncio.create_task(block.put(entry(20), timeout=5))
+    await asyncio.sleep(0)
+    assert block.blocked_writers == 1
+    assert not block.try_admit(entry(5)), "it would fit, but a writer waiting for room comes first"
+    block.release(block.take(KEY, 1, 1000), committed=True)
+    await asyncio.wait_for(waiting, 1)
+    block.close()
+    assert not block.try_admit(entry(1)), "closed"
+
+
 async def test_block_waits_for_room_then_admits_in_order() -> None:
     ring = Ring(30, 100, WhenFull.BLOCK)
     ring.offer(entry(30))
