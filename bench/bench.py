@@ -1,6 +1,6 @@
 """Throughput and ack latency of ingest-buffer against direct ClickHouse inserts, on one embedded chDB.
 
-Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--quick] [--profile DIR]``
+Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--repeat R] [--quick] [--profile DIR]``
 
 Design (chDB lets one process open one data path, and never two processes the same path at once,
 so everything touching the data runs in turn, each phase in its own process):
@@ -17,12 +17,15 @@ so everything touching the data runs in turn, each phase in its own process):
    start on "go". The clock runs from "go" until a ``Flush`` RPC (the flush barrier) returns after
    every client is done. Sidecar CPU is read from /proc/PID/stat around the phase. Then the sidecar
    gets SIGTERM and exits, and a short-lived ``python -m tests.chdb_query`` child counts the rows.
-3. Every phase writes its own id range, so ``count() == uniqExact(id) == rows acknowledged`` shows
-   each row landed exactly once. After every phase the table is merged (``OPTIMIZE ... FINAL``,
-   untimed), so no phase pays for the merges of the one before (1-row direct inserts leave a part
-   per row behind).
+3. Every phase (and every round of it) writes its own id range, so ``count() == uniqExact(id) ==
+   rows acknowledged`` shows each row landed exactly once. After every phase the table is merged
+   (``OPTIMIZE ... FINAL``, untimed), so no phase pays for the merges of the one before (1-row
+   direct inserts leave a part per row behind).
 
 Each phase stops at ``--seconds`` or when its pre-encoded rows run out, whichever comes first.
+The whole sequence runs ``--repeat`` times (default 3), one round after the other so that a slow
+spell of the machine spreads over every scenario; the table shows each scenario's median round and
+the range over rounds, since a 2-core machine varies by ±10 % from one minute to the next.
 Every process started here is stopped by its PID (terminate, then kill) in a finally block, and
 the data directory lives in a temp dir that is deleted afterwards.
 """
@@ -52,10 +55,11 @@ DDL = (f"CREATE TABLE {DB}.{TABLE} (id UInt64, ts DateTime, kind LowCardinality(
        "payload String) ENGINE = MergeTree ORDER BY (kind, ts) SETTINGS non_replicated_deduplication_window = 1000")
 KINDS = ("click", "view", "purchase", "signup")
 SIZES = (1, 1000)
-# Each phase writes ids [lo, lo + rows): lo = (phase number) * ID_SPAN.
+# Each phase writes ids [lo, lo + rows): lo = (phase number) * ID_SPAN + (round) * ROUND_SPAN.
 PHASES = {"baseline/1": 1, "baseline/1000": 2, "bulk": 3, "unary/1": 4, "unary/1000": 5,
           "stream/1": 6, "stream/1000": 7}
 ID_SPAN = 10**10
+ROUND_SPAN = 10**9
 SERVE_SETTINGS = ["--database", DB, "--tables", TABLE, "--when-full", "block", "--buffer-max-bytes", "256MiB",
                   "--buffer-max-rows", "4000000", "--flush-max-rows", "100000", "--flush-max-bytes", "64MiB",
                   "--flush-interval", "250ms", "--linger", "0s", "--drain-timeout", "60s", "--log-level", "warning"]
@@ -66,9 +70,13 @@ def encode(lo: int, n: int) -> bytes:
                     f'"payload":"p{i:012d}"}}\n' for i in range(lo, lo + n)]).encode()
 
 
-def payloads(phase: str, size: int, rows: int, part: int = 0, parts: int = 1) -> list[bytes]:
+def first_id(phase: str, round_: int) -> int:
+    return PHASES[phase] * ID_SPAN + round_ * ROUND_SPAN
+
+
+def payloads(phase: str, round_: int, size: int, rows: int, part: int = 0, parts: int = 1) -> list[bytes]:
     """This process's share (every parts-th payload) of a phase's pre-encoded requests."""
-    lo = PHASES[phase] * ID_SPAN
+    lo = first_id(phase, round_)
     return [encode(lo + k * size, size) for k in range(part, rows // size, parts)]
 
 
@@ -79,23 +87,23 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def check_sql(phase: str) -> str:
-    lo = PHASES[phase] * ID_SPAN
-    return f"SELECT count(), uniqExact(id) FROM {DB}.{TABLE} WHERE id >= {lo} AND id < {lo + ID_SPAN}"
+def check_sql(phase: str, round_: int) -> str:
+    lo = first_id(phase, round_)
+    return f"SELECT count(), uniqExact(id) FROM {DB}.{TABLE} WHERE id >= {lo} AND id < {lo + ROUND_SPAN}"
 
 
 # ----- child: direct inserts (a) and the bulk insert (c) -----------------------------------------
 
-def run_direct(path: str, clients: int, seconds: float, budget: dict[int, int]) -> dict[str, Any]:
+def run_direct(path: str, clients: int, seconds: float, budget: dict[int, int], round_: int) -> dict[str, Any]:
     import clickhouse_connect
 
     main = clickhouse_connect.get_client(dsn=f"chdb://{path}")
     main.command(f"CREATE DATABASE IF NOT EXISTS {DB}")
-    main.command(DDL)
+    main.command(DDL.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
     out: dict[str, Any] = {}
     for size in SIZES:
         phase = f"baseline/{size}"
-        pool = payloads(phase, size, budget[size])
+        pool = payloads(phase, round_, size, budget[size])
         conns = [clickhouse_connect.get_client(dsn=f"chdb://{path}") for _ in range(clients)]
         lat: list[float] = []  # list.append is atomic under the GIL
         ticket = itertools.count()
@@ -116,28 +124,29 @@ def run_direct(path: str, clients: int, seconds: float, budget: dict[int, int]) 
             th.join()
         elapsed = time.perf_counter() - t0
         out[phase] = {"rows": len(lat) * size, "seconds": elapsed, "lat": lat,
-                      "landed": list(main.query(check_sql(phase)).result_rows[0])}
+                      "landed": list(main.query(check_sql(phase, round_)).result_rows[0])}
         main.command(f"OPTIMIZE TABLE {DB}.{TABLE} FINAL")  # settle merges: the next phase starts clean
-    big = b"".join(payloads("bulk", 1000, budget[1000]))
+    big = b"".join(payloads("bulk", round_, 1000, budget[1000]))
     t0 = time.perf_counter()
     main.raw_insert(f"{DB}.{TABLE}", None, big, fmt="JSONEachRow")
     elapsed = time.perf_counter() - t0
     out["bulk"] = {"rows": big.count(b"\n"), "seconds": elapsed, "lat": [elapsed],
-                   "landed": list(main.query(check_sql("bulk")).result_rows[0])}
+                   "landed": list(main.query(check_sql("bulk", round_)).result_rows[0])}
+    main.command(f"OPTIMIZE TABLE {DB}.{TABLE} FINAL")
     return out
 
 
 # ----- child: gRPC load (b) ------------------------------------------------------------------------
 
 async def run_client(target: str, shape: str, size: int, clients: int, rows: int, part: int, parts: int,
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float, round_: int) -> dict[str, Any]:
     from grpc import aio
 
     from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 
     msg = pb.WriteRequest if shape == "unary" else pb.WriteStreamRequest
     pool = [msg(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW, rows=p).SerializeToString()
-            for p in payloads(f"{shape}/{size}", size, rows, part, parts)]
+            for p in payloads(f"{shape}/{size}", round_, size, rows, part, parts)]
     channel = aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
     await channel.channel_ready()
     # Requests go out pre-serialized: no serializer (bytes pass through as they are).
@@ -204,20 +213,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def sidecar_phase(target: str, pid: int, shape: str, size: int, args: argparse.Namespace, budget: int,
-                  flush: Any, profile: Path | None) -> dict[str, Any]:
+                  flush: Any, profile: Path | None, round_: int) -> dict[str, Any]:
     procs: list[subprocess.Popen[str]] = []
     spy: subprocess.Popen[bytes] | None = None
     per = [args.clients // args.client_procs + (k < args.clients % args.client_procs) for k in range(args.client_procs)]
     try:
         for k, n in enumerate(per):
             procs.append(child("_client", target, shape, str(size), str(n), str(budget), str(k),
-                               str(args.client_procs), str(args.seconds), stdin=subprocess.PIPE))
+                               str(args.client_procs), str(args.seconds), str(round_), stdin=subprocess.PIPE))
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready", "a client failed to start"
         if profile is not None:
             spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             spy = subprocess.Popen([spy_bin, "record", "-p", str(pid), "-d", str(int(args.seconds)), "-r", "200",
-                                    "-o", str(profile / f"sidecar-{shape}-{size}.svg")],
+                                    "-o", str(profile / f"sidecar-{shape}-{size}-round{round_}.svg")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         for p in procs:
@@ -241,7 +250,7 @@ def sidecar_phase(target: str, pid: int, shape: str, size: int, args: argparse.N
 
 
 def run_sidecar(path: Path, shape: str, size: int, args: argparse.Namespace, budget: int,
-                log: Path) -> dict[str, Any]:
+                log: Path, round_: int) -> dict[str, Any]:
     """One phase against a fresh `ingest-buffer serve` process on the path; returns after it exited."""
     import grpc
 
@@ -277,7 +286,7 @@ def run_sidecar(path: Path, shape: str, size: int, args: argparse.Namespace, bud
                 # Warm-up (id 0, outside every phase's range): the first insert loads and connects chDB.
                 write(pb.WriteRequest(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW, rows=encode(0, 1)), timeout=30)
                 barrier()
-                out = sidecar_phase(target, proc.pid, shape, size, args, budget, barrier, args.profile)
+                out = sidecar_phase(target, proc.pid, shape, size, args, budget, barrier, args.profile, round_)
             stop(proc, signal.SIGTERM, 90)
             out["exit_code"] = proc.returncode
         finally:
@@ -285,9 +294,9 @@ def run_sidecar(path: Path, shape: str, size: int, args: argparse.Namespace, bud
     return out
 
 
-def settle(path: Path, phase: str) -> list[int]:
+def settle(path: Path, phase: str, round_: int) -> list[int]:
     """Counts a phase's rows and merges the table's parts (untimed), from a short-lived process."""
-    out = subprocess.run([sys.executable, "-m", "tests.chdb_query", str(path), check_sql(phase),
+    out = subprocess.run([sys.executable, "-m", "tests.chdb_query", str(path), check_sql(phase, round_),
                           f"OPTIMIZE TABLE {DB}.{TABLE} FINAL"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     counts: list[int] = json.loads(out.stdout.splitlines()[-1])[0][0]
@@ -298,37 +307,57 @@ def fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.2f} ms"
 
 
-def report(results: dict[str, dict[str, Any]], landed: dict[str, list[int]]) -> None:
-    head = ("scenario", "write size", "rows", "seconds", "rows/s", "x baseline", "ack p50", "ack p99", "landed OK")
+def rate(run: dict[str, Any]) -> float:
+    return float(run["rows"] / run["seconds"])
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median rows/s (the lower middle one for an even count)."""
+    return sorted(runs, key=rate)[(len(runs) - 1) // 2]
+
+
+def landed_ok(run: dict[str, Any]) -> bool:
+    count, unique = run["landed"]
+    return bool(count == unique == run["rows"] and run.get("flushed", [0, 0])[1] == 0)
+
+
+def report(results: dict[str, list[dict[str, Any]]]) -> None:
+    rounds = len(results["bulk"])
+    head = ("scenario", "write size", "rows", "seconds", "rows/s", f"range ({rounds} rounds)", "x baseline",
+            "ack p50", "ack p99", "landed OK")
     lines = []
     names = {"baseline": "(a) direct INSERT per request", "unary": "(b) sidecar, unary Write",
              "stream": "(b) sidecar, WriteStream/client*", "bulk": "(c) one bulk INSERT"}
     for phase in ("baseline/1", "unary/1", "stream/1", "baseline/1000", "unary/1000", "stream/1000", "bulk"):
-        r = results[phase]
+        runs = results[phase]
+        r = median_run(runs)
         kind, _, size = phase.partition("/")
-        rate = r["rows"] / r["seconds"]
-        base = results[f"baseline/{size or 1000}"]
-        count, unique = landed[phase]
-        ok = count == unique == r["rows"] and r.get("flushed", [0, 0])[1] == 0
+        base = rate(median_run(results[f"baseline/{size or 1000}"]))
+        rates = sorted(rate(x) for x in runs)
+        ok = all(landed_ok(x) for x in runs)
         lines.append((names[kind], f"{int(size):,}" if size else f"all ({r['rows']:,})", f"{r['rows']:,}",
-                      f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{rate / (base['rows'] / base['seconds']):.1f}x",
-                      fmt_ms(pct(r["lat"], 0.5)), fmt_ms(pct(r["lat"], 0.99)),
-                      f"{'yes' if ok else 'NO'} ({count:,}/{unique:,} uniq)"))
+                      f"{r['seconds']:.2f}", f"{rate(r):,.0f}", f"{rates[0]:,.0f}-{rates[-1]:,.0f}",
+                      f"{rate(r) / base:.1f}x", fmt_ms(pct(r["lat"], 0.5)), fmt_ms(pct(r["lat"], 0.99)),
+                      f"{'yes' if ok else 'NO'} ({sum(x['landed'][0] for x in runs):,} rows)"))
     widths = [max(len(str(row[i])) for row in (head, *lines)) for i in range(len(head))]
     for row in (head, tuple("-" * w for w in widths), *lines):
         print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    stream_rate = results["stream/1000"]["rows"] / results["stream/1000"]["seconds"]
-    bulk_rate = results["bulk"]["rows"] / results["bulk"]["seconds"]
-    print(f"\n1,000-row streams / one bulk insert: {stream_rate / bulk_rate:.2f}")
-    print("* streams: per-message acks are not observable; ack p50/p99 is the latency of each stream's single\n"
-          "  final ack (done_writing -> reply), one sample per client. Bulk: the insert itself. x baseline of\n"
-          "  bulk is against the 1,000-row direct baseline. landed OK: count() == uniqExact(id) == rows acked\n"
-          "  (and, for the sidecar, the final Flush reported no failed rows). Sidecar exit code 0 = it reported\n"
-          "  every accepted row committed.")
+    streams, bulks = results["stream/1000"], results["bulk"]
+    per_round = ", ".join(f"{rate(a) / rate(b):.2f}" for a, b in zip(streams, bulks, strict=True))
+    print(f"\n1,000-row streams / one bulk insert: {rate(median_run(streams)) / rate(median_run(bulks)):.2f} "
+          f"(medians; round by round: {per_round})")
+    print("* rows/s, seconds and latencies are the median round's; range is the lowest and highest rows/s over\n"
+          "  the rounds; x baseline is against the median direct-insert round of the same write size (bulk:\n"
+          "  the 1,000-row one). Streams: per-message acks are not observable; ack p50/p99 is the latency of\n"
+          "  each stream's single final ack (done_writing -> reply), one sample per client. Bulk: the insert\n"
+          "  itself. landed OK: in every round count() == uniqExact(id) == rows acked (and, for the sidecar,\n"
+          "  the final Flush reported no failed rows). Sidecar exit code 0 = it reported every accepted row\n"
+          "  committed.")
     for phase in ("unary/1", "stream/1", "unary/1000", "stream/1000"):
-        r = results[phase]
+        r = median_run(results[phase])
+        codes = ",".join(str(x["exit_code"]) for x in results[phase])
         print(f"  {phase:<12} sidecar CPU {r['server_cpu'] * 100:5.0f}%   client procs CPU "
-              f"{r['client_cpu'] * 100:5.0f}%   (of one core)   sidecar exit code {r['exit_code']}")
+              f"{r['client_cpu'] * 100:5.0f}%   (of one core)   sidecar exit codes {codes}")
 
 
 def busy_warning() -> None:
@@ -345,11 +374,15 @@ def main() -> int:
     parser.add_argument("--client-procs", type=int, default=1, help="processes the gRPC clients run in (default 1)")
     parser.add_argument("--rows", type=int, default=3_000_000, help="row budget of 1,000-row phases and bulk")
     parser.add_argument("--small-rows", type=int, default=400_000, help="row budget of 1-row phases")
-    parser.add_argument("--quick", action="store_true", help="2 s phases, smaller budgets (under a minute)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every phase; medians are shown (default 3)")
+    parser.add_argument("--quick", action="store_true", help="one round of 2 s phases, smaller budgets (<1 min)")
     parser.add_argument("--profile", type=Path, default=None, help="record py-spy flame graphs of the sidecar here")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rows, args.small_rows = 2.0, min(args.rows, 600_000), min(args.small_rows, 100_000)
+        args.repeat = 1
+    args.repeat = max(1, args.repeat)
+    assert max(args.rows, args.small_rows) < ROUND_SPAN, "a round's ids must stay in its own range"
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     args.client_procs = max(1, min(args.client_procs, args.clients))
@@ -361,25 +394,28 @@ def main() -> int:
           f"phases of <= {args.seconds:g}s; data in {path}", flush=True)
     busy_warning()
     try:
-        direct = child("_direct", str(path), str(args.clients), str(args.seconds), json.dumps(budget))
-        try:
-            out = direct.communicate(timeout=args.seconds * 3 + 180)[0]
-        finally:
-            stop(direct)
-        assert direct.returncode == 0 and out.strip(), "the direct-insert phase failed (its stderr is above)"
-        results: dict[str, dict[str, Any]] = json.loads(out.splitlines()[-1])
-        landed = {phase: r.pop("landed") for phase, r in results.items()}
-        print("direct phases: done", flush=True)
         print("sidecar: ingest-buffer serve --clickhouse-url chdb://<data> " + " ".join(SERVE_SETTINGS)
               + " (127.0.0.1 free ports; a fresh process per phase)", flush=True)
-        for shape in ("unary", "stream"):
-            for size in SIZES:
-                phase = f"{shape}/{size}"
-                results[phase] = run_sidecar(path, shape, size, args, budget[size], tmp / "serve.log")
-                landed[phase] = settle(path, phase)
-                print(f"{phase}: done", flush=True)
+        results: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASES}
+        for round_ in range(args.repeat):
+            direct = child("_direct", str(path), str(args.clients), str(args.seconds), json.dumps(budget),
+                           str(round_))
+            try:
+                out = direct.communicate(timeout=args.seconds * 3 + 180)[0]
+            finally:
+                stop(direct)
+            assert direct.returncode == 0 and out.strip(), "the direct-insert phase failed (its stderr is above)"
+            for phase, run in json.loads(out.splitlines()[-1]).items():
+                results[phase].append(run)
+            for shape in ("unary", "stream"):
+                for size in SIZES:
+                    phase = f"{shape}/{size}"
+                    run = run_sidecar(path, shape, size, args, budget[size], tmp / "serve.log", round_)
+                    run["landed"] = settle(path, phase, round_)
+                    results[phase].append(run)
+            print(f"round {round_ + 1}/{args.repeat}: done", flush=True)
         print()
-        report(results, landed)
+        report(results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -387,12 +423,13 @@ def main() -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_direct"]:
-        p, n, s, b = sys.argv[2:6]
+        p, n, s, b, r = sys.argv[2:7]
         budgets = {int(k): v for k, v in json.loads(b).items()}
-        print(json.dumps(run_direct(p, int(n), float(s), budgets)))
+        print(json.dumps(run_direct(p, int(n), float(s), budgets, int(r))))
     elif sys.argv[1:2] == ["_client"]:
-        t, sh, sz, n, rows, part, parts, s = sys.argv[2:10]
+        t, sh, sz, n, rows, part, parts, s, r = sys.argv[2:11]
         sys.path.insert(0, str(ROOT))
-        print(json.dumps(asyncio.run(run_client(t, sh, int(sz), int(n), int(rows), int(part), int(parts), float(s)))))
+        print(json.dumps(asyncio.run(run_client(t, sh, int(sz), int(n), int(rows), int(part), int(parts), float(s),
+                                                int(r)))))
     else:
         sys.exit(main())

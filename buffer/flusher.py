@@ -4,6 +4,8 @@ A (table, format) key is flushed when its queue holds ``flush_max_rows`` rows or
 ``flush_max_bytes`` bytes, when its oldest row is ``flush_interval`` old, and at once while
 draining or while a flush barrier waits. Inserts run in a small thread pool (the ClickHouse client
 is synchronous and chDB has no async client), so the event loop keeps accepting rows meanwhile.
+Up to ``flush_concurrency`` inserts run at once; a key's full batches may go out side by side when
+it has a backlog, while a partial batch waits for its key's insert to finish and grows meanwhile.
 
 Each batch gets a deterministic deduplication token, ``<instance>-<first seq>-<last seq>``, that
 every retry of it reuses, so a retry after a commit whose reply was lost inserts nothing twice.
