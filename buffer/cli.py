@@ -143,7 +143,8 @@ def _send(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
     try:
         summary = send(target, args.table, fmt, stream, total=total, chunk_bytes=args.chunk_bytes, ack=ack,
-                       row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout)
+                       row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout,
+                       retry_for=args.retry_for)
     except grpc.RpcError as exc:
         print(f"ingest-buffer send: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -239,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--chunk-bytes", type=int, default=1024 * 1024, help="bytes per stream message")
     snd.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                      help="progress bar on stderr (auto: when it is a terminal)")
-    snd.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    snd.add_argument("--timeout", type=float, default=None,
+                     help="seconds each call may take (a stream carries up to 64 MiB; the --flush barrier)")
+    snd.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                     help="while the buffer refuses rows as full or draining, keep resuming this long (default 60)")
     snd.set_defaults(func=_send)
 
     sql = sub.add_parser("sql", help="run SQL on the configured ClickHouse (e.g. create the tables)",

@@ -4,11 +4,19 @@ Line formats are cut into messages of about ``--chunk-bytes`` at row boundaries 
 between rows: never inside a quoted field), so files of any size stream in constant memory.
 Binary formats cannot be cut without decoding, so the file goes as one message with the
 ``--row-count`` the caller gives.
+
+When the buffer refuses a message because it is full (RESOURCE_EXHAUSTED) or draining
+(UNAVAILABLE), its error says how many messages of the stream it accepted: send waits (the
+``retry-after-ms`` hint, or a growing pause) and opens a new stream from the first refused message,
+for up to ``retry_for`` seconds. Nothing is sent twice: messages the buffer accepted are never
+replayed, and a failure that does not say what was accepted (a connection cut) is not retried. A
+stream ends after about STREAM_BYTES, so at most that much waits in memory to be replayed.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +27,10 @@ import grpc
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
 from buffer.framing import FORMATS
+from buffer.service import ACCEPTED_MESSAGES_KEY, RETRY_AFTER_KEY
+
+STREAM_BYTES = 64 * 1024 * 1024
+RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 # file extension → format
 EXTENSIONS: dict[str, pb.Format] = {
@@ -130,40 +142,118 @@ class Progress:
 
 def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: int | None, chunk_bytes: int,
          ack: pb.AckLevel, row_count: int, flush: bool, progress: bool,
-         timeout: float | None) -> dict[str, object]:
+         timeout: float | None, retry_for: float = 60.0) -> dict[str, object]:
     name, is_lines = FORMATS[fmt]
     bar = Progress(total, progress, started=time.monotonic())
 
-    def requests() -> Iterator[pb.WriteStreamRequest]:
+    def messages() -> Iterator[tuple[bytes, int]]:
         if is_lines:
             for payload, rows in chunks(stream, chunk_bytes, csv=name == "CSV", on_unterminated=lambda: print(
                     "ingest-buffer send: the input does not end with a newline; its last line was sent as a "
                     "complete row (if the file was cut short, that row is refused and dead-lettered)",
                     file=sys.stderr)):
                 bar.update(len(payload), rows)
-                yield pb.WriteStreamRequest(table=table, format=fmt, rows=payload, ack_level=ack)
+                yield payload, rows
         else:
             if not row_count:
                 raise ValueError(f"{name} rows cannot be counted without decoding: pass --row-count N")
             payload = stream.read()
             bar.update(len(payload), row_count)
-            yield pb.WriteStreamRequest(table=table, format=fmt, rows=payload, row_count=row_count,
-                                        ack_level=ack)
+            yield payload, row_count
 
+    source = messages()
+    # Messages sent in the current stream and not yet known to be accepted, oldest first. gRPC pulls
+    # requests in a thread of its own that may still be inside a stream's generator after the
+    # stream failed: the lock and the generation keep such a straggler from reading the input.
+    pending: list[tuple[bytes, int]] = []
+    lock = threading.Lock()
+    generation = [0]
+    done = {"messages": 0, "rows": 0, "bytes": 0}
+    state = {"exhausted": False, "retries": 0}
+    ack_name = pb.AckLevel.Name(ack)
+
+    def request(payload: bytes, rows: int) -> pb.WriteStreamRequest:
+        return pb.WriteStreamRequest(table=table, format=fmt, rows=payload, row_count=0 if is_lines else rows,
+                                     ack_level=ack)
+
+    def requests(gen: int) -> Iterator[pb.WriteStreamRequest]:
+        with lock:
+            replay = list(pending)  # refused last time: sent again first
+        size = 0
+        for payload, rows in replay:
+            size += len(payload)
+            yield request(payload, rows)
+        while size < STREAM_BYTES:
+            with lock:
+                if gen != generation[0]:
+                    return
+                item = next(source, None)
+                if item is None:
+                    state["exhausted"] = True
+                    return
+                pending.append(item)
+            size += len(item[0])
+            yield request(*item)
+
+    def settle(count: int) -> None:
+        """The stream is over and the buffer accepted its first ``count`` messages."""
+        with lock:
+            generation[0] += 1
+            for payload, rows in pending[:count]:
+                done["messages"] += 1
+                done["rows"] += rows
+                done["bytes"] += len(payload)
+            del pending[:count]
+
+    give_up = time.monotonic() + retry_for
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 512 * 1024 * 1024)]) as channel:
         stub = pb_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            reply = stub.WriteStream(requests(), timeout=timeout)
+            while True:
+                try:
+                    reply = stub.WriteStream(requests(generation[0]), timeout=timeout)
+                except grpc.RpcError as exc:
+                    told = dict(exc.trailing_metadata() or ()).get(ACCEPTED_MESSAGES_KEY)
+                    if told is not None:
+                        settle(int(told))
+                    wait = _retry_wait(exc, told is not None, state["retries"], give_up)
+                    if wait is None:
+                        known = "" if told is not None or not pending else " (and perhaps some of the last ones)"
+                        print(f"ingest-buffer send: the buffer accepted {done['rows']:,} rows in {done['messages']} "
+                              f"messages{known} before the error below", file=sys.stderr)
+                        raise
+                    state["retries"] += 1
+                    time.sleep(wait)
+                    continue
+                settle(len(pending))
+                ack_name = pb.AckLevel.Name(reply.ack_level)
+                if state["exhausted"] and not pending:
+                    break
         finally:
             bar.close()
-        summary: dict[str, object] = {
-            "table": table, "format": name, "messages": reply.messages, "rows": reply.rows, "bytes": reply.bytes,
-            "ack_level": pb.AckLevel.Name(reply.ack_level),
-        }
+        summary: dict[str, object] = {"table": table, "format": name, **done, "ack_level": ack_name,
+                                      "retries": state["retries"]}
         if flush:
-            done = stub.Flush(pb.FlushRequest(), timeout=timeout)
-            summary["flushed"] = {"rows_committed": done.rows_committed, "rows_failed": done.rows_failed}
+            barrier = stub.Flush(pb.FlushRequest(), timeout=timeout)
+            summary["flushed"] = {"rows_committed": barrier.rows_committed, "rows_failed": barrier.rows_failed}
         elapsed = time.monotonic() - bar.started
         summary["seconds"] = round(elapsed, 3)
-        summary["rows_per_second"] = round(reply.rows / elapsed) if elapsed > 0 else None
+        summary["rows_per_second"] = round(done["rows"] / elapsed) if elapsed > 0 else None
         return summary
+
+
+def _retry_wait(exc: grpc.RpcError, told: bool, retries: int, give_up: float) -> float | None:
+    """Seconds to wait before resuming after ``exc``, or None when it must not be retried.
+
+    Only refusals that say how many messages the buffer accepted (``told``) are retried: after any
+    other failure a replay could send rows twice.
+    """
+    if exc.code() not in RETRYABLE or not told:
+        return None
+    hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+    wait = int(hint) / 1000 if hint else min(5.0, 0.1 * 2 ** retries)
+    if time.monotonic() + wait > give_up:
+        print("ingest-buffer send: giving up: the buffer kept refusing for the whole --retry-for", file=sys.stderr)
+        return None
+    print(f"ingest-buffer send: {exc.code().name}: {exc.details()}; resuming in {wait:g}s", file=sys.stderr)
+    return wait

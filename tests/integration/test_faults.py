@@ -149,6 +149,69 @@ async def test_outage_under_load_fills_buffer_keeps_ready_and_recovers_within_2s
     report(f"outage under load (refused {refused} requests, resumed in {resumed:.2f}s)", clickhouse, len(acked))
 
 
+async def run_send(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """`ingest-buffer send` as a real process: (exit code, its JSON summary or None, its stderr)."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "buffer", "send", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out) if out.strip() else None, err.decode()
+
+
+async def test_send_resumes_where_a_full_buffer_refused_it_and_sends_nothing_twice(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
+                             buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
+                             flush_interval="50ms", retry_initial_backoff="50ms")
+    data = tmp_path / "rows.ndjson"
+    data.write_bytes(jrows(0, 20_000))  # about 360 kB: five times the buffer
+    proxy.set("refuse")  # ClickHouse is down: the buffer fills and refuses
+    sending = asyncio.create_task(run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
+                                           "--chunk-bytes", "4096", "--flush", "--progress", "off"))
+    await asyncio.sleep(1.5)
+    assert not sending.done(), "send waits while the buffer refuses"
+    proxy.set("pass")
+    code, summary, err = await sending
+    assert code == 0, err
+    assert summary is not None and summary["rows"] == 20_000 and summary["retries"] > 0, summary
+    assert "RESOURCE_EXHAUSTED" in err and "resuming in" in err
+    assert summary["flushed"]["rows_failed"] == 0  # the barrier covers the rows still buffered at its time
+    count, unique = clickhouse.client.query(f"SELECT count(), uniqExact(id) FROM {clickhouse.database}.t"
+                                            ).result_rows[0]
+    assert count == unique == 20_000
+    report("send against a full buffer", clickhouse, 20_000)
+
+
+async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
+                             buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
+                             flush_interval="50ms", retry_initial_backoff="50ms")
+    data = tmp_path / "rows.ndjson"
+    data.write_bytes(jrows(0, 20_000))
+    proxy.set("refuse")
+    code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
+                                        "--chunk-bytes", "4096", "--retry-for", "1", "--progress", "off")
+    accepted = buf.app.ring.counters.accepted_rows
+    assert code == 1 and summary is None
+    assert "giving up" in err and f"the buffer accepted {accepted:,} rows" in err and "RESOURCE_EXHAUSTED" in err
+    assert 0 < accepted < 20_000
+    proxy.set("pass")  # the accepted rows still land
+    await pb_grpc.IngestServiceStub(buf.channel).Flush(pb.FlushRequest())
+    count, unique = clickhouse.client.query(f"SELECT count(), uniqExact(id) FROM {clickhouse.database}.t"
+                                            ).result_rows[0]
+    assert count == unique == accepted
+
+
 @needs_test_endpoint
 async def test_lost_reply_after_commit_is_retried_without_duplicates(
         clickhouse: ClickHouse, proxy: FaultProxy, http_endpoint: HttpEndpoint,
