@@ -214,28 +214,29 @@ class Ring:
                 f"held while ClickHouse catches up")
 
     def _admit(self, entry: Entry) -> None:
-        self._seq += 1
-        entry.seq = self._seq
+        # On every request's path: local names, one hash of the key per dictionary.
+        key, rows, size = entry.key, entry.rows, entry.size
+        self._seq = seq = self._seq + 1
+        entry.seq = seq
         entry.accepted_at = self.clock()
         entry.state = State.PENDING
-        queue = self._queues.get(entry.key)
+        queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[entry.key] = collections.deque()
+            queue = self._queues[key] = collections.deque()
         queue.append(entry)
-        self._queued_rows[entry.key] += entry.rows
-        self._queued_bytes[entry.key] += entry.size
-        self._outstanding[entry.seq] = entry
-        self.bytes += entry.size
-        self.rows += entry.rows
+        queued_rows = self._queued_rows[key] = self._queued_rows[key] + rows
+        queued_bytes = self._queued_bytes[key] = self._queued_bytes[key] + size
+        self._outstanding[seq] = entry
+        self.bytes += size
+        self.rows += rows
         c = self.counters
-        c.accepted_rows += entry.rows
-        c.accepted_bytes += entry.size
+        c.accepted_rows += rows
+        c.accepted_bytes += size
         c.accepted_requests += 1
         self.emptied.clear()
         # Wake the flusher only when it has something new to decide: a key that was empty (its age
         # timer starts) or a key that reached a flush size. Waking it per request costs throughput.
-        if (len(queue) == 1 or self._queued_rows[entry.key] >= self.wake_rows
-                or self._queued_bytes[entry.key] >= self.wake_bytes):
+        if len(queue) == 1 or queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
             self.arrived.set()
 
     def _admit_blocked(self) -> None:
