@@ -301,7 +301,7 @@ class Flusher(Routine):
             # Joined in a worker thread: copying megabytes on the event loop would stall the
             # writers, and bytes.join lets other threads run while it copies a large batch.
             payload = await asyncio.get_running_loop().run_in_executor(
-                self._executor, b"".join, [e.payload for e in batch])
+                self._executor, b"".join, [chunk for e in batch for chunk in e.chunks()])
             failure, attempts = await self._insert(table, fmt, payload, token, rows)
             seconds = time.monotonic() - t0
             if failure is None:
@@ -344,7 +344,7 @@ class Flusher(Routine):
         # Each group is tried as one insert; a refused group is halved, a refused single entry
         # is cut into its rows (line formats), a refused single row is a poison row.
         groups: list[tuple[list[Piece], InsertFailure | None]] = [
-            ([Piece(e, e.payload, e.rows, str(e.seq)) for e in batch], first)]
+            ([Piece(e, b"".join(e.chunks()), e.rows, str(e.seq)) for e in batch], first)]
         while groups:
             group, failure = groups.pop()
             if failure is None:

@@ -45,6 +45,7 @@ class Checked(NamedTuple):
     table: str
     format: str
     rows: int
+    lines: bool  # a line format: rows can be split apart without decoding them
 
 
 # Names that passed the check, so the hot path skips the pattern match (bounded: clients choose them).
@@ -103,4 +104,4 @@ def check_request(table: str, fmt: int, payload: bytes, row_count: int, max_byte
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"the request holds {rows} rows, more than the whole buffer ({max_rows}): "
                            "split it", "too_many_rows")
-    return Checked(table, name, rows)
+    return Checked(table, name, rows, is_lines)

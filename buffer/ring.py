@@ -1,9 +1,11 @@
 """The bounded buffer between the gRPC handlers and the flusher.
 
 Each accepted request becomes one :class:`Entry` (its payload is kept as the bytes object gRPC
-handed over: no copy, no parsing). Entries wait in one FIFO per (table, format) key. The flusher
-*takes* a batch from a key; the batch's bytes still count against the capacity until the flusher
-*releases* it, so memory never exceeds ``max_bytes`` plus one request, whatever ClickHouse does.
+handed over: no copy, no parsing), or, when it needs no ack of its own, joins the newest entry of
+its key (``try_append``), so that a run of small writes costs the buffer one entry. Entries wait
+in one FIFO per (table, format) key. The flusher *takes* a batch from a key; the batch's bytes
+still count against the capacity until the flusher *releases* it, so memory never exceeds
+``max_bytes`` plus one request, whatever ClickHouse does.
 
 Every entry ends in exactly one of two states, and the counters add up:
 ``accepted == committed + failed + outstanding`` where failed entries carry a reason
@@ -51,11 +53,17 @@ class Entry:
     committed_rows: int = 0  # of ``rows``, once settled: all of them, none, or (poison rows) some
     # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
     waiter: asyncio.Future[None] | None = None
+    # Payloads of later requests appended to this entry (Ring.try_append), in order.
+    extra: list[bytes] | None = None
 
-    size: int = 0  # len(payload), kept after the payload is released
+    size: int = 0  # bytes of payload and extra, kept after they are released
 
     def __post_init__(self) -> None:
         self.size = len(self.payload)
+
+    def chunks(self) -> list[bytes]:
+        """The entry's rows as the payloads that brought them, in order."""
+        return [self.payload] if self.extra is None else [self.payload, *self.extra]
 
 
 class BufferFull(Exception):
@@ -117,11 +125,12 @@ class Barrier:
 
 class Ring:
     def __init__(self, max_bytes: int, max_rows: int, when_full: WhenFull,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, coalesce_bytes: int = 256 * 1024) -> None:
         self.max_bytes = max_bytes
         self.max_rows = max_rows
         self.when_full = when_full
         self.clock = clock
+        self.coalesce_bytes = coalesce_bytes  # the most try_append lets one entry grow to
         self.bytes = 0  # pending + in flight
         self.rows = 0
         self.counters = Counters()
@@ -157,6 +166,42 @@ class Ring:
         if self._closed or self._blocked or not self._fits(entry):
             return False
         self._admit(entry)
+        return True
+
+    def try_append(self, key: Key, payload: bytes, rows: int) -> bool:
+        """Adds the rows to the newest entry queued under ``key``, if it can take them now.
+
+        Small writes in a row then cost one entry, not one each: the buffer's and the flusher's
+        work per entry is most of their cost per request. Only for requests that need no ack of
+        their own (the caller's choice: BUFFERED, a line format, whose rows a poison-row search can
+        still split), and never into an entry someone waits on, one a flush barrier covers, or one
+        past ``coalesce_bytes``.
+        """
+        queue = self._queues.get(key)
+        if not queue or self._closed or self._blocked:
+            return False
+        tail = queue[-1]
+        size = len(payload)
+        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes
+                or self.bytes + size > self.max_bytes or self.rows + rows > self.max_rows
+                or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
+            return False
+        if tail.extra is None:
+            tail.extra = [payload]
+        else:
+            tail.extra.append(payload)
+        tail.rows += rows
+        tail.size += size
+        queued_rows = self._queued_rows[key] = self._queued_rows[key] + rows
+        queued_bytes = self._queued_bytes[key] = self._queued_bytes[key] + size
+        self.bytes += size
+        self.rows += rows
+        c = self.counters
+        c.accepted_rows += rows
+        c.accepted_bytes += size
+        c.accepted_requests += 1
+        if queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
+            self.arrived.set()
         return True
 
     def offer(self, entry: Entry) -> None:
@@ -370,6 +415,7 @@ class Ring:
                 entry.waiter.exception()
         # The payload can be large; drop it as soon as the entry is settled.
         entry.payload = b""
+        entry.extra = None
 
     def _after_release(self) -> None:
         self._admit_blocked()

@@ -51,8 +51,12 @@ class IngestService:
 
     # ----- shared path ----------------------------------------------------------------------
 
-    async def _accept(self, req: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Entry:
-        """Checks and buffers one request; raises RequestError for anything the client must fix."""
+    async def _accept(self, req: Any, ack: pb.AckLevel,
+                      context: aio.ServicerContext[Any, Any]) -> tuple[int, int, Entry | None]:
+        """Checks and buffers one request; raises RequestError for anything the client must fix.
+
+        Returns (rows, bytes, the entry to wait on for a COMMITTED ack or None).
+        """
         payload: bytes = req.rows
         self.received_requests += 1
         self.received_bytes += len(payload)
@@ -62,17 +66,22 @@ class IngestService:
             self.received_rows += checked.rows
             if not self.catalog.allows(checked.table):
                 await self.catalog.check(checked.table)
-            entry = Entry((checked.table, checked.format), payload, checked.rows)
-            if ack == pb.ACK_LEVEL_COMMITTED:
+            key = (checked.table, checked.format)
+            committed = ack == pb.ACK_LEVEL_COMMITTED
+            # The common cases, with room: joined to the newest entry of its table (small writes
+            # in a row), or a new entry; no waiting to set up.
+            if not committed and checked.lines and self.ring.try_append(key, payload, checked.rows):
+                return checked.rows, len(payload), None
+            entry = Entry(key, payload, checked.rows)
+            if committed:
                 entry.waiter = asyncio.get_running_loop().create_future()
-            if self.ring.try_admit(entry):  # the common case, with room: no waiting to set up
-                return entry
-            timeout = self.block_timeout
-            remaining = context.time_remaining()
-            if remaining is not None:
-                timeout = min(timeout, max(0.0, remaining - 0.05))
-            await self.ring.put(entry, timeout)
-            return entry
+            if not self.ring.try_admit(entry):
+                timeout = self.block_timeout
+                remaining = context.time_remaining()
+                if remaining is not None:
+                    timeout = min(timeout, max(0.0, remaining - 0.05))
+                await self.ring.put(entry, timeout)
+            return entry.rows, entry.size, entry if committed else None
         except BufferFull as exc:
             err = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{exc}; retry after {exc.retry_after:g}s", "buffer_full",
@@ -133,12 +142,12 @@ class IngestService:
         try:
             request = _parse(pb.WriteRequest, raw)
             ack = self._ack_level(request.ack_level)
-            entry = await self._accept(request, ack, context)
-            if ack == pb.ACK_LEVEL_COMMITTED:
+            rows, size, entry = await self._accept(request, ack, context)
+            if entry is not None:
                 await self._committed([entry])
         except RequestError as err:
             await self._abort(context, err)
-        return pb.WriteResponse(rows=entry.rows, bytes=entry.size, ack_level=ack)
+        return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
 
     async def WriteStream(self, request_iterator: AsyncIterator[bytes],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
@@ -151,15 +160,15 @@ class IngestService:
                     request = _parse(pb.WriteStreamRequest, raw)
                     if messages == 0:
                         ack = self._ack_level(request.ack_level)
-                    entry = await self._accept(request, ack, context)
+                    n, nbytes, entry = await self._accept(request, ack, context)
                 except RequestError as err:
                     err.message = (f"message {messages + 1} of the stream: {err.message} "
                                    f"(the {messages} messages before it, {rows} rows, were accepted)")
                     raise
                 messages += 1
-                rows += entry.rows
-                size += entry.size
-                if entry.waiter is not None:
+                rows += n
+                size += nbytes
+                if entry is not None:
                     waiting.append(entry)
             if waiting:
                 await self._committed(waiting)

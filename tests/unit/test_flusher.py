@@ -385,6 +385,29 @@ async def test_poison_rows_are_isolated_good_rows_land_bad_rows_dead_lettered() 
     assert len(sink.attempts) < 40
 
 
+async def test_appended_writes_go_out_in_order_and_poison_rows_among_them_are_still_isolated() -> None:
+    clock = FakeClock()
+    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
+    sink, store = PoisonSink(), ListStore()
+    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
+                      dead_letters=store)
+    first = Entry(KEY, b'{"a":0}\n', 1)
+    ring.offer(first)
+    for i in range(1, 20):
+        row = b'{"a":"bad"}\n' if i == 7 else b'{"a":%d}\n' % i
+        assert ring.try_append(KEY, row, 1)
+    assert ring.outstanding == 1, "twenty writes, one entry"
+    task = asyncio.create_task(flusher.run())
+    ring.close()
+    flusher.drain(clock() + 60)
+    await flusher.stop()
+    await asyncio.wait_for(task, 10)
+    landed = b"".join(i.payload for i in sink.inserts)
+    assert landed.count(b"\n") == 19 and [letter.payload for letter in store.letters] == [b'{"a":"bad"}\n']
+    assert first.committed_rows == 19 and first.reason.startswith("dead_lettered:")
+    assert ring.counters.committed_rows == 19 and ring.counters.accepted_requests == 20
+
+
 async def test_isolation_tokens_are_deterministic() -> None:
     payloads = [b'{"a":1}\n{"a":"bad"}\n', b'{"a":2}\n']
     first, _, _ = await run_poison(payloads)

@@ -92,6 +92,44 @@ async def test_try_admit_takes_only_what_fits_now_and_never_drops_or_jumps_the_q
     assert not block.try_admit(entry(1)), "closed"
 
 
+async def test_appended_writes_join_the_newest_entry_and_are_counted_like_any_other() -> None:
+    ring = Ring(1000, 100, WhenFull.REJECT, coalesce_bytes=50)
+    assert not ring.try_append(KEY, b"aa", 1), "nothing queued to join"
+    first = entry(20, 2)
+    ring.offer(first)
+    assert ring.try_append(KEY, b"b" * 10, 1) and ring.try_append(KEY, b"c" * 10, 1)
+    assert first.chunks() == [b"x" * 20, b"b" * 10, b"c" * 10] and (first.rows, first.size) == (4, 40)
+    assert (ring.bytes, ring.rows, ring.outstanding) == (40, 4, 1)
+    assert ring.queued(KEY)[:2] == (4, 40)
+    assert ring.counters.accepted_requests == 3 and ring.counters.accepted_rows == 4
+    assert not ring.try_append(KEY, b"d" * 11, 1), "the entry would pass coalesce_bytes"
+    assert not ring.try_append(("other", "CSV"), b"d", 1), "only into the same table and format"
+    batch = ring.take(KEY, 100, 1000)
+    assert batch == [first] and not ring.try_append(KEY, b"e", 1), "an entry being inserted never grows"
+    ring.release(batch, committed=True)
+    assert ring.counters.committed_rows == 4 and first.extra is None and ring.bytes == 0
+
+
+async def test_appending_never_joins_a_waited_on_or_barrier_covered_entry_or_passes_the_bounds() -> None:
+    ring = Ring(100, 10, WhenFull.REJECT)
+    waited = entry(10)
+    waited.waiter = asyncio.get_running_loop().create_future()
+    ring.offer(waited)
+    assert not ring.try_append(KEY, b"a", 1), "a COMMITTED writer's entry holds its own rows only"
+    plain = entry(10)
+    ring.offer(plain)
+    barrier = ring.barrier()
+    assert not ring.try_append(KEY, b"a", 1), "the barrier's outcome counts what it covered, no more"
+    ring.release(ring.take(KEY, 10, 1000), committed=True)
+    await asyncio.wait_for(barrier.done, 1)
+    ring.offer(entry(10))
+    assert not ring.try_append(KEY, b"a" * 91, 1), "no room"
+    assert not ring.try_append(KEY, b"a", 10), "no room for the rows"
+    ring.close()
+    assert not ring.try_append(KEY, b"a", 1), "closed"
+    assert plain.state is State.COMMITTED
+
+
 async def test_block_waits_for_room_then_admits_in_order() -> None:
     ring = Ring(30, 100, WhenFull.BLOCK)
     ring.offer(entry(30))
@@ -186,7 +224,7 @@ class RingMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.ring = Ring(100, 20, WhenFull.REJECT)
+        self.ring = Ring(100, 20, WhenFull.REJECT, coalesce_bytes=60)
         self.in_flight: list[list[Entry]] = []
         self.accepted: dict[int, Entry] = {}
         self.order: dict[tuple[str, str], list[int]] = {}
@@ -207,6 +245,16 @@ class RingMachine(RuleBasedStateMachine):
             assert not self.ring._fits(e) or self.ring.blocked_writers
             return
         self.accepted[e.seq] = e
+
+    @rule(size=sizes, rows=st.integers(1, 5), key=st.sampled_from([("a", "CSV"), ("b", "CSV"), ("c", "TSV")]))
+    def append(self, size: int, rows: int, key: tuple[str, str]) -> None:
+        queue = self.ring._queues.get(key)
+        tail = queue[-1] if queue else None
+        before = (tail.rows, tail.size) if tail else None
+        if self.ring.try_append(key, b"a" * size, rows):
+            assert tail is not None and before is not None
+            assert (tail.rows, tail.size) == (before[0] + rows, before[1] + size)
+            assert tail.size <= self.ring.coalesce_bytes
 
     @precondition(lambda self: self.ring.queued_keys())
     @rule(data=st.data())
