@@ -4,8 +4,11 @@ A (table, format) key is flushed when its queue holds ``flush_max_rows`` rows or
 ``flush_max_bytes`` bytes, when its oldest row is ``flush_interval`` old, and at once while
 draining or while a flush barrier waits. Inserts run in a small thread pool (the ClickHouse client
 is synchronous and chDB has no async client), so the event loop keeps accepting rows meanwhile.
-Up to ``flush_concurrency`` inserts run at once; a key's full batches may go out side by side when
-it has a backlog, while a partial batch waits for its key's insert to finish and grows meanwhile.
+Up to ``flush_concurrency`` keys have inserts running at once, so one key's trouble never holds
+up the others. A key with a backlog also sends further full batches side by side while fewer than
+``flush_concurrency`` inserts run in all (unless its inserts are being retried: that would only
+add load to a table that is struggling); a partial batch waits for its key's insert to finish and
+grows meanwhile.
 
 Each batch gets a deterministic deduplication token, ``<instance>-<first seq>-<last seq>``, that
 every retry of it reuses, so a retry after a commit whose reply was lost inserts nothing twice.
@@ -104,12 +107,15 @@ class Flusher(Routine):
         # Inserts under way: batch number → (key, batch, task); a key may have several (backlogs).
         self._in_flight: dict[int, tuple[Key, list[Entry], asyncio.Task[None]]] = {}
         self._busy: collections.Counter[Key] = collections.Counter()
+        self._retrying: collections.Counter[Key] = collections.Counter()  # inserts now between retries
         self._batch_numbers = itertools.count()
         self.in_doubt_rows = 0
         self.in_flight_grace = IN_FLIGHT_GRACE
-        self._executor = ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="flusher")
+        # Every key with an insert running may have one more beside it: at most 2 * concurrency - 1.
+        self._executor = ThreadPoolExecutor(max_workers=2 * policy.concurrency, thread_name_prefix="flusher")
         self.not_flushed_rows = 0
         ring.wake_rows, ring.wake_bytes = policy.max_rows, policy.max_bytes
+        ring.coalesce_bytes = min(ring.coalesce_bytes, policy.max_bytes)
 
     # ----- control --------------------------------------------------------------------------
 
@@ -155,10 +161,17 @@ class Flusher(Routine):
             return True
         return oldest is not None and now - oldest >= self._max_age()
 
+    def _can_start(self, key: Key) -> bool:
+        if self._busy[key]:
+            return len(self._in_flight) < self.policy.concurrency and not self._retrying[key]
+        return len(self._busy) < self.policy.concurrency
+
     def _next_timeout(self, now: float) -> float | None:
         waits = []
         for key in self.ring.queued_keys():
-            if self._busy[key]:
+            # A key with an insert running, or with no slot free, waits for a flush to finish
+            # (which wakes the loop), not for its age: a timeout now would only spin.
+            if self._busy[key] or not self._can_start(key):
                 continue
             _, _, oldest = self.ring.queued(key)
             if oldest is not None:
@@ -174,7 +187,7 @@ class Flusher(Routine):
                 if self._stopping and (self.ring.outstanding == 0 or self._past_deadline()):
                     break
                 for key in self.ring.queued_keys():
-                    while len(self._in_flight) < self.policy.concurrency and self._due(key, now):
+                    while self._can_start(key) and self._due(key, now):
                         # max_rows only triggers a flush; a backlog goes out in batches as large as
                         # max_bytes allows, because ClickHouse ingests fewer, larger inserts faster.
                         batch = self.ring.take(key, self.ring.max_rows, self.policy.max_bytes)
@@ -258,32 +271,43 @@ class Flusher(Routine):
             InsertFailure | None, int]:
         """One payload, retried while retryable and time allows. Returns (failure or None, attempts)."""
         loop = asyncio.get_running_loop()
+        key = (table, fmt)
         attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await loop.run_in_executor(self._executor, self.sink.insert, table, fmt, payload, token)
-                return None, attempt
-            except SinkUnavailable as exc:
-                return InsertFailure(False, None, str(exc)), attempt
-            except Exception as exc:
-                failure = classify(exc, attempt)
-            self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
-            self.stats.last_error = failure.message
-            if not failure.retryable:
-                return failure, attempt
-            delay = self.backoff(attempt, failure)
-            if self.deadline is not None and self.clock() + delay >= self.deadline:
-                log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
-                          "%d rows are lost", table, failure.name, rows,
-                          extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
-                return failure, attempt
-            self.stats.retries += 1
-            # One line when trouble starts, then one every tenth attempt: an outage is not a log flood.
-            (log.warning if attempt == 1 or attempt % 10 == 0 else log.debug)(
-                "insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay, attempt,
-                failure.message[:300], extra={"table": table, "rows": rows, "code": failure.code})
-            await asyncio.sleep(delay)
+        retrying = False
+        try:
+            while True:
+                attempt += 1
+                try:
+                    await loop.run_in_executor(self._executor, self.sink.insert, table, fmt, payload, token)
+                    return None, attempt
+                except SinkUnavailable as exc:
+                    return InsertFailure(False, None, str(exc)), attempt
+                except Exception as exc:
+                    failure = classify(exc, attempt)
+                self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
+                self.stats.last_error = failure.message
+                if not failure.retryable:
+                    return failure, attempt
+                delay = self.backoff(attempt, failure)
+                if self.deadline is not None and self.clock() + delay >= self.deadline:
+                    log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
+                              "%d rows are lost", table, failure.name, rows,
+                              extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
+                    return failure, attempt
+                if not retrying:
+                    retrying = True
+                    self._retrying[key] += 1  # no further batches of this key beside this one meanwhile
+                self.stats.retries += 1
+                # One line when trouble starts, then one every tenth attempt: an outage is not a log flood.
+                (log.warning if attempt == 1 or attempt % 10 == 0 else log.debug)(
+                    "insert into %s failed, retrying in %.2fs (attempt %d): %s", table, delay, attempt,
+                    failure.message[:300], extra={"table": table, "rows": rows, "code": failure.code})
+                await asyncio.sleep(delay)
+        finally:
+            if retrying:
+                self._retrying[key] -= 1
+                if not self._retrying[key]:
+                    del self._retrying[key]
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key

@@ -138,6 +138,49 @@ async def test_a_partial_batch_waits_for_its_tables_insert_and_grows(rig_factory
     assert [i.payload.count(b"\n") for i in rig.sink.inserts] == [10, 7]
 
 
+async def test_a_table_with_a_backlog_never_holds_up_another(rig_factory: Callable[..., Rig]) -> None:
+    import threading
+
+    rig = rig_factory(max_rows=10, concurrency=2)
+    gate = threading.Event()
+    rig.sink.gate = gate
+    rig.add(rows(10))
+    await until(lambda: not rig.ring.queued_keys())
+    rig.add(rows(10))
+    await until(lambda: not rig.ring.queued_keys())  # both slots: the backlog of "events"
+    rig.add(rows(1, ("other", "JSONEachRow")))
+    rig.clock.advance(2)  # old enough to flush
+    rig.flusher.wake()
+    await until(lambda: not rig.ring.queued_keys())  # it starts anyway: a table may always have one insert
+    gate.set()
+    await until(lambda: rig.sink.rows() == 21)
+
+
+async def test_no_second_batch_beside_an_insert_being_retried(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=10, concurrency=2, initial_backoff=0.005, max_backoff=0.01)
+    rig.sink.failures = [ClickHouseError(252, "TOO_MANY_PARTS")] * 60
+    rig.add(rows(10))
+    await until(lambda: KEY in rig.flusher._retrying)
+    rig.add(rows(10))
+    await asyncio.sleep(0.05)
+    assert KEY in rig.flusher._retrying and rig.ring.queued(KEY)[0] == 10, "no extra load on a struggling table"
+    rig.sink.failures.clear()
+    await until(lambda: rig.sink.rows() == 20)
+    assert not rig.flusher._retrying
+
+
+async def test_with_every_slot_taken_the_loop_waits_for_a_flush_not_a_timer() -> None:
+    clock = FakeClock()
+    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
+    flusher = Flusher(ring, MemorySink(), FlushPolicy(10, 10_000, 1.0, concurrency=1), clock=clock)
+    ring.offer(rows(1))
+    ring.offer(rows(1, ("other", "CSV")))
+    clock.advance(5)
+    assert flusher._next_timeout(clock()) == 0.0, "both are due"
+    flusher._busy[KEY] += 1  # as if the first key's insert were running
+    assert flusher._next_timeout(clock()) is None, "no slot: a timeout would only spin"
+
+
 async def test_flushes_at_max_bytes(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(max_bytes=80)
     for _ in range(10):
