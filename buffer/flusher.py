@@ -357,7 +357,7 @@ class Flusher(Routine):
     # ----- poison rows ----------------------------------------------------------------------
 
     async def _isolate(self, key: Key, batch: list[Entry], token: str,
-                       first: InsertFailure) -> list[tuple[Entry, int, str, str]]:
+                       first: InsertFailure) -> list[tuple[Entry, int, dict[str, int], str]]:
         """ClickHouse refused the batch for its data: find the bad rows by bisection, insert the
         rest, dead-letter the bad ones. Returns each entry's outcome for Ring.settle."""
         table, fmt = key
@@ -365,10 +365,13 @@ class Flusher(Routine):
         good = {id(e): 0 for e in batch}
         bad: list[tuple[Piece, InsertFailure]] = []
         unsent: list[Piece] = []
-        # Each group is tried as one insert; a refused group is halved, a refused single entry
-        # is cut into its rows (line formats), a refused single row is a poison row.
-        groups: list[tuple[list[Piece], InsertFailure | None]] = [
-            ([Piece(e, b"".join(e.chunks()), e.rows, str(e.seq)) for e in batch], first)]
+        # Each group is tried as one insert; a refused group is halved, a refused single request
+        # is cut into its rows (line formats), a refused single row is a poison row. An entry that
+        # holds several requests starts as one piece per request, so one odd request (a CSV field
+        # with a newline, a row_count below its line count) cannot keep the others from splitting.
+        groups: list[tuple[list[Piece], InsertFailure | None]] = [(
+            [Piece(e, data, n, str(e.seq) if e.extra is None else f"{e.seq}+{i}")
+             for e in batch for i, (data, n) in enumerate(e.parts())], first)]
         while groups:
             group, failure = groups.pop()
             if failure is None:
@@ -396,10 +399,11 @@ class Flusher(Routine):
 
     async def _dead_letter(self, key: Key, batch: list[Entry], token: str, good: dict[int, int],
                            bad: list[tuple[Piece, InsertFailure]],
-                           unsent: list[Piece]) -> list[tuple[Entry, int, str, str]]:
+                           unsent: list[Piece]) -> list[tuple[Entry, int, dict[str, int], str]]:
         table, fmt = key
         letters = [DeadLetter(table, fmt, f.code, f.name, f.message[:2000], p.rows, token, p.data) for p, f in bad]
-        reason_of: dict[int, tuple[str, str]] = {}
+        failed_of: dict[int, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+        detail_of: dict[int, str] = {}
         stored = True
         if letters and self.dead_letters is not None:
             try:
@@ -412,9 +416,11 @@ class Flusher(Routine):
             stored = False
         for p, f in bad:
             where = "dead_lettered" if stored else "rejected_by_clickhouse"
-            reason_of.setdefault(id(p.entry), (f"{where}:{f.name}", f.message[:500]))
+            failed_of[id(p.entry)][f"{where}:{f.name}"] += p.rows
+            detail_of.setdefault(id(p.entry), f.message[:500])
         for p in unsent:
-            reason_of.setdefault(id(p.entry), ("not_flushed_before_exit", "the drain deadline passed"))
+            failed_of[id(p.entry)]["not_flushed_before_exit"] += p.rows
+            detail_of.setdefault(id(p.entry), "the drain deadline passed")
             self.not_flushed_rows += p.rows
         bad_rows = sum(p.rows for p, _ in bad)
         good_rows = sum(good.values())
@@ -427,7 +433,7 @@ class Flusher(Routine):
                       "written to the dead-letter store" if stored else "are lost",
                       extra={"table": table, "rows_dead_lettered": bad_rows if stored else 0,
                              "rows_lost": 0 if stored else bad_rows, "code": sample.code, "token": token})
-        return [(e, good[id(e)], *reason_of.get(id(e), ("", ""))) for e in batch]
+        return [(e, good[id(e)], dict(failed_of.get(id(e), {})), detail_of.get(id(e), "")) for e in batch]
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,8 @@ class Entry:
     committed_rows: int = 0  # of ``rows``, once settled: all of them, none, or (poison rows) some
     # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
     waiter: asyncio.Future[None] | None = None
-    # Payloads of later requests appended to this entry (Ring.try_append), in order.
-    extra: list[bytes] | None = None
+    # Payloads (and row counts) of later requests appended to this entry (Ring.try_append), in order.
+    extra: list[tuple[bytes, int]] | None = None
 
     size: int = 0  # bytes of payload and extra, kept after they are released
 
@@ -63,7 +63,13 @@ class Entry:
 
     def chunks(self) -> list[bytes]:
         """The entry's rows as the payloads that brought them, in order."""
-        return [self.payload] if self.extra is None else [self.payload, *self.extra]
+        return [self.payload] if self.extra is None else [self.payload, *(p for p, _ in self.extra)]
+
+    def parts(self) -> list[tuple[bytes, int]]:
+        """(payload, rows) of each request in the entry, in order."""
+        if self.extra is None:
+            return [(self.payload, self.rows)]
+        return [(self.payload, self.rows - sum(n for _, n in self.extra)), *self.extra]
 
 
 class BufferFull(Exception):
@@ -178,8 +184,8 @@ class Ring:
         past ``coalesce_bytes``.
         """
         queue = self._queues.get(key)
-        if not queue or self._closed or self._blocked:
-            return False
+        if not queue or self._closed or self._blocked or self.when_full is WhenFull.DROP_OLDEST:
+            return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
         size = len(payload)
         if (tail.waiter is not None or tail.size + size > self.coalesce_bytes
@@ -187,9 +193,9 @@ class Ring:
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:
-            tail.extra = [payload]
+            tail.extra = [(payload, rows)]
         else:
-            tail.extra.append(payload)
+            tail.extra.append((payload, rows))
         tail.rows += rows
         tail.size += size
         queued_rows = self._queued_rows[key] = self._queued_rows[key] + rows
@@ -367,13 +373,18 @@ class Ring:
             self._finish(entry, State.COMMITTED if committed else State.FAILED, reason)
         self._after_release()
 
-    def settle(self, outcomes: Iterable[tuple[Entry, int, str, str]]) -> None:
-        """Per-entry outcomes of a batch: (entry, rows committed, reason for the others, detail)."""
-        for entry, committed_rows, reason, detail in outcomes:
+    def settle(self, outcomes: Iterable[tuple[Entry, int, dict[str, int], str]]) -> None:
+        """Per-entry outcomes of a batch: (entry, rows committed, {reason: rows} for the others, detail).
+
+        The entry's own ``reason`` is the one covering most of its failed rows; the counters get
+        every reason's rows.
+        """
+        for entry, committed_rows, failed, detail in outcomes:
             if committed_rows >= entry.rows:
                 self._finish(entry, State.COMMITTED, "")
             else:
-                self._finish(entry, State.FAILED, reason, committed_rows, detail)
+                reason = max(failed, key=lambda r: failed[r]) if failed else "unknown"
+                self._finish(entry, State.FAILED, reason, committed_rows, detail, failed)
         self._after_release()
 
     def fail_outstanding(self, reason: str) -> int:
@@ -388,7 +399,8 @@ class Ring:
         self._after_release()
         return rows
 
-    def _finish(self, entry: Entry, state: State, reason: str, committed_rows: int = 0, detail: str = "") -> None:
+    def _finish(self, entry: Entry, state: State, reason: str, committed_rows: int = 0, detail: str = "",
+                breakdown: dict[str, int] | None = None) -> None:
         if entry.state in (State.COMMITTED, State.FAILED):
             return
         entry.state = state
@@ -402,7 +414,12 @@ class Ring:
         if state is State.COMMITTED:
             c.committed_bytes += entry.size
         else:
-            c.failed_rows[reason] += entry.rows - entry.committed_rows
+            failed = entry.rows - entry.committed_rows
+            for why, n in (breakdown or {}).items():
+                c.failed_rows[why] += n
+                failed -= n
+            if failed:
+                c.failed_rows[reason] += failed
         if entry.waiter is not None and not entry.waiter.done():
             if state is State.COMMITTED:
                 entry.waiter.set_result(None)

@@ -451,6 +451,25 @@ async def test_appended_writes_go_out_in_order_and_poison_rows_among_them_are_st
     assert ring.counters.committed_rows == 19 and ring.counters.accepted_requests == 20
 
 
+async def test_an_odd_request_in_a_shared_entry_does_not_keep_the_others_from_splitting() -> None:
+    clock = FakeClock()
+    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
+    sink, store = PoisonSink(), ListStore()
+    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
+                      dead_letters=store)
+    pretty = Entry(KEY, b'{"a":\n0}\n', 1)  # one row over two lines, as its writer said (row_count=1)
+    ring.offer(pretty)
+    assert ring.try_append(KEY, b'{"a":1}\n{"a":"bad"}\n{"a":3}\n', 3)
+    task = asyncio.create_task(flusher.run())
+    ring.close()
+    flusher.drain(clock() + 60)
+    await flusher.stop()
+    await asyncio.wait_for(task, 10)
+    assert [letter.payload for letter in store.letters] == [b'{"a":"bad"}\n']
+    assert pretty.committed_rows == 3
+    assert ring.counters.failed_rows == {"dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED": 1}
+
+
 async def test_isolation_tokens_are_deterministic() -> None:
     payloads = [b'{"a":1}\n{"a":"bad"}\n', b'{"a":2}\n']
     first, _, _ = await run_poison(payloads)

@@ -130,6 +130,22 @@ async def test_appending_never_joins_a_waited_on_or_barrier_covered_entry_or_pas
     assert plain.state is State.COMMITTED
 
 
+async def test_settle_counts_every_reason_of_an_entry_and_names_the_main_one() -> None:
+    ring = Ring(1000, 100, WhenFull.REJECT)
+    e = entry(10, 10)
+    ring.offer(e)
+    ring.settle([(e, 5, {"dead_lettered:BAD": 1, "not_flushed_before_exit": 4}, "detail")])
+    assert dict(ring.counters.failed_rows) == {"dead_lettered:BAD": 1, "not_flushed_before_exit": 4}
+    assert e.state is State.FAILED and e.reason == "not_flushed_before_exit" and e.committed_rows == 5
+    assert ring.counters.committed_rows == 5 and ring.rows == 0
+
+
+async def test_drop_oldest_buffers_keep_one_request_per_entry() -> None:
+    ring = Ring(1000, 100, WhenFull.DROP_OLDEST)
+    ring.offer(entry())
+    assert not ring.try_append(KEY, b"a", 1), "drop_oldest drops whole entries: they stay small"
+
+
 async def test_block_waits_for_room_then_admits_in_order() -> None:
     ring = Ring(30, 100, WhenFull.BLOCK)
     ring.offer(entry(30))
