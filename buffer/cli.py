@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--timeout", type=float, default=None,
                      help="seconds each call may take (a stream carries up to 64 MiB; the --flush barrier)")
     snd.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
-                     help="while the buffer refuses rows as full or draining, keep resuming this long (default 60)")
+                     help="while the buffer refuses rows as full or draining without taking any, keep resuming "
+                          "this long (default 60)")
     snd.set_defaults(func=_send)
 
     sql = sub.add_parser("sql", help="run SQL on the configured ClickHouse (e.g. create the tables)",

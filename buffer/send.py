@@ -164,12 +164,15 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
     source = messages()
     # Messages sent in the current stream and not yet known to be accepted, oldest first. gRPC pulls
     # requests in a thread of its own that may still be inside a stream's generator after the
-    # stream failed: the lock and the generation keep such a straggler from reading the input.
+    # stream failed: the lock and the generation keep such a straggler from reading the input, and
+    # an error reading the input is kept for this thread to raise (gRPC would only log it).
     pending: list[tuple[bytes, int]] = []
     lock = threading.Lock()
     generation = [0]
     done = {"messages": 0, "rows": 0, "bytes": 0}
-    state = {"exhausted": False, "retries": 0}
+    exhausted = threading.Event()
+    input_error: list[BaseException] = []
+    retries = total_retries = 0  # refusals in the current run (for the backoff) / in all
     ack_name = pb.AckLevel.Name(ack)
 
     def request(payload: bytes, rows: int) -> pb.WriteStreamRequest:
@@ -185,12 +188,16 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
             yield request(payload, rows)
         while size < STREAM_BYTES:
             with lock:
-                if gen != generation[0]:
+                if gen != generation[0] or input_error:
                     return
-                item = next(source, None)
-                if item is None:
-                    state["exhausted"] = True
+                try:
+                    item = next(source)
+                except StopIteration:
+                    exhausted.set()
                     return
+                except BaseException as exc:
+                    input_error.append(exc)
+                    raise
                 pending.append(item)
             size += len(item[0])
             yield request(*item)
@@ -205,7 +212,7 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
                 done["bytes"] += len(payload)
             del pending[:count]
 
-    give_up = time.monotonic() + retry_for
+    give_up: float | None = None  # while refusals go on without progress: when to stop resuming
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 512 * 1024 * 1024)]) as channel:
         stub = pb_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
@@ -213,26 +220,42 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
                 try:
                     reply = stub.WriteStream(requests(generation[0]), timeout=timeout)
                 except grpc.RpcError as exc:
+                    if input_error:
+                        raise input_error[0] from None
                     told = dict(exc.trailing_metadata() or ()).get(ACCEPTED_MESSAGES_KEY)
                     if told is not None:
                         settle(int(told))
-                    wait = _retry_wait(exc, told is not None, state["retries"], give_up)
+                        if int(told):
+                            give_up, retries = None, 0  # progress: a new run of refusals starts afresh
+                    if give_up is None:
+                        give_up = time.monotonic() + retry_for
+                    wait = _retry_wait(exc, told is not None and ack != pb.ACK_LEVEL_COMMITTED, retries, give_up)
                     if wait is None:
-                        known = "" if told is not None or not pending else " (and perhaps some of the last ones)"
+                        if told is None and pending:
+                            known = " (and perhaps some of the last ones: the error does not say)"
+                        elif ack == pb.ACK_LEVEL_COMMITTED:
+                            known = " (buffered: their commit was not confirmed, so they are not resent)"
+                        else:
+                            known = ""
                         print(f"ingest-buffer send: the buffer accepted {done['rows']:,} rows in {done['messages']} "
                               f"messages{known} before the error below", file=sys.stderr)
                         raise
-                    state["retries"] += 1
+                    retries += 1
+                    total_retries += 1
                     time.sleep(wait)
                     continue
+                if input_error:
+                    raise input_error[0]
                 settle(len(pending))
-                ack_name = pb.AckLevel.Name(reply.ack_level)
-                if state["exhausted"] and not pending:
+                give_up, retries = None, 0
+                if reply.messages:
+                    ack_name = pb.AckLevel.Name(reply.ack_level)
+                if exhausted.is_set() and not pending:
                     break
         finally:
             bar.close()
         summary: dict[str, object] = {"table": table, "format": name, **done, "ack_level": ack_name,
-                                      "retries": state["retries"]}
+                                      "retries": total_retries}
         if flush:
             barrier = stub.Flush(pb.FlushRequest(), timeout=timeout)
             summary["flushed"] = {"rows_committed": barrier.rows_committed, "rows_failed": barrier.rows_failed}
@@ -246,14 +269,16 @@ def _retry_wait(exc: grpc.RpcError, told: bool, retries: int, give_up: float) ->
     """Seconds to wait before resuming after ``exc``, or None when it must not be retried.
 
     Only refusals that say how many messages the buffer accepted (``told``) are retried: after any
-    other failure a replay could send rows twice.
+    other failure a replay could send rows twice. COMMITTED streams are not resumed either: the
+    messages a refused stream had sent are buffered, but their commit was never confirmed.
     """
     if exc.code() not in RETRYABLE or not told:
         return None
     hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
     wait = int(hint) / 1000 if hint else min(5.0, 0.1 * 2 ** retries)
     if time.monotonic() + wait > give_up:
-        print("ingest-buffer send: giving up: the buffer kept refusing for the whole --retry-for", file=sys.stderr)
+        print("ingest-buffer send: giving up: the buffer kept refusing, with no progress, for --retry-for",
+              file=sys.stderr)
         return None
     print(f"ingest-buffer send: {exc.code().name}: {exc.details()}; resuming in {wait:g}s", file=sys.stderr)
     return wait

@@ -212,6 +212,22 @@ async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
     assert count == unique == accepted
 
 
+async def test_send_does_not_resume_a_committed_stream_whose_commit_it_cannot_confirm(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
+                             buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
+                             flush_interval="50ms", retry_initial_backoff="50ms")
+    data = tmp_path / "rows.ndjson"
+    data.write_bytes(jrows(0, 20_000))
+    proxy.set("refuse")
+    code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound, "--ack",
+                                        "committed", "--chunk-bytes", "4096", "--progress", "off")
+    assert code == 1 and summary is None
+    assert "RESOURCE_EXHAUSTED" in err and "their commit was not confirmed" in err and "resuming" not in err
+    proxy.set("pass")
+
+
 @needs_test_endpoint
 async def test_lost_reply_after_commit_is_retried_without_duplicates(
         clickhouse: ClickHouse, proxy: FaultProxy, http_endpoint: HttpEndpoint,
