@@ -229,10 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
                         help=f"TOML file with settings (env {ENV_PREFIX}CONFIG)")
     for s in SETTINGS:
-        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
         extra = f" one of {', '.join(s.choices)};" if s.choices else ""
+        default = shown_default(s)
         parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
-                            help=f"{s.help};{extra} env {s.env}; default {default!s}")
+                            help=f"{s.help};{extra} env {s.env}; default {default or '(empty)'}")
 
 
 def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
@@ -418,15 +418,21 @@ def clickhouse_target(url: str) -> ClickHouseTarget:
                             database=parts.path.strip("/"))
 
 
+def shown_default(s: Setting) -> str:
+    """A setting's default as an operator would write it: 64MiB, 1s, a,b."""
+    d: Any = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+    if s.parse is parse_size:
+        d = f"{d // 1024**3}GiB" if d % 1024**3 == 0 else f"{d // 1024**2}MiB" if d % 1024**2 == 0 else d
+    elif isinstance(d, float):
+        d = f"{d:g}s"
+    return str(d)
+
+
 def settings_markdown() -> str:
     """The README's settings table: ``python -c 'import buffer.config as c; print(c.settings_markdown())'``."""
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
-        d: Any = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        if s.parse is parse_size:
-            d = f"{d // 1024**3}GiB" if d % 1024**3 == 0 else f"{d // 1024**2}MiB" if d % 1024**2 == 0 else d
-        elif isinstance(d, float):
-            d = f"{d:g}s"
+        d = shown_default(s)
         shown = f"`{d}`" if d != "" else "(empty)"
         meaning = s.help + (f" ({' / '.join(s.choices)})" if s.choices else "")
         rows.append(f"| `{s.flag}` | `{s.env}` | {shown} | {meaning} |")

@@ -100,3 +100,15 @@ def test_a_unix_socket_needs_its_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist: create it"):
         load({"grpc_listen": f"unix:{tmp_path}/missing/grpc.sock"}, env={})
     assert load({"grpc_listen": f"unix:{tmp_path}/grpc.sock"}, env={}).grpc_listen.endswith("grpc.sock")
+
+
+def test_help_shows_defaults_as_they_are_written() -> None:
+    import argparse
+
+    from buffer.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "INGEST_BUFFER_BUFFER_MAX_BYTES; default 64MiB" in text
+    assert "INGEST_BUFFER_FLUSH_INTERVAL; default 1s" in text and "67108864" not in text
