@@ -109,8 +109,8 @@ SETTINGS: tuple[Setting, ...] = (
             "flush a table's batch once it holds this many bytes; also the most one insert carries", parse_size),
     Setting("flush_interval", 1.0, "flush a table's batch once its oldest row is this old", parse_duration),
     Setting("flush_concurrency", 2,
-            "inserts in flight at once; a table with a backlog of full batches may use them all, so its "
-            "batches may commit out of order (1 keeps each table's inserts in order)", parse_int),
+            "tables with an insert running at once; a table with a backlog of full batches also uses idle "
+            "slots, so its batches may commit out of order (1 keeps each table's inserts in order)", parse_int),
     Setting("insert_timeout", 30.0, "time limit of one insert to a ClickHouse server", parse_duration),
     Setting("retry_initial_backoff", 0.2, "first wait before retrying a failed insert", parse_duration),
     Setting("retry_max_backoff", 10.0, "longest wait between retries of a failed insert", parse_duration),
