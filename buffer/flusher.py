@@ -4,8 +4,8 @@ A (table, format) key is flushed when its queue holds ``flush_max_rows`` rows or
 ``flush_max_bytes`` bytes, when its oldest row is ``flush_interval`` old, and at once while
 draining or while a flush barrier waits. Inserts run in a small thread pool (the ClickHouse client
 is synchronous and chDB has no async client), so the event loop keeps accepting rows meanwhile.
-Up to ``flush_concurrency`` keys have inserts running at once, so one key's trouble never holds
-up the others. A key with a backlog also sends further full batches side by side while fewer than
+Up to ``flush_concurrency`` keys have inserts running at once, and one key's backlog never takes
+a slot another key needs. A key with a backlog also sends further full batches side by side while fewer than
 ``flush_concurrency`` inserts run in all (unless its inserts are being retried: that would only
 add load to a table that is struggling); a partial batch waits for its key's insert to finish and
 grows meanwhile.
