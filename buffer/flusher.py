@@ -5,10 +5,10 @@ A (table, format) key is flushed when its queue holds ``flush_max_rows`` rows or
 draining or while a flush barrier waits. Inserts run in a small thread pool (the ClickHouse client
 is synchronous and chDB has no async client), so the event loop keeps accepting rows meanwhile.
 Up to ``flush_concurrency`` keys have inserts running at once, and one key's backlog never takes
-a slot another key needs. A key with a backlog also sends further full batches side by side while fewer than
-``flush_concurrency`` inserts run in all (unless its inserts are being retried: that would only
-add load to a table that is struggling); a partial batch waits for its key's insert to finish and
-grows meanwhile.
+a slot another key needs. A key with a backlog also sends further full batches side by side while
+fewer than ``flush_concurrency`` inserts run in all (unless its inserts are being retried: that
+would only add load to a table that is struggling); a partial batch waits for its key's insert to
+finish and grows meanwhile.
 
 Each batch gets a deterministic deduplication token, ``<instance>-<first seq>-<last seq>``, that
 every retry of it reuses, so a retry after a commit whose reply was lost inserts nothing twice.

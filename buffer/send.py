@@ -8,9 +8,11 @@ Binary formats cannot be cut without decoding, so the file goes as one message w
 When the buffer refuses a message because it is full (RESOURCE_EXHAUSTED) or draining
 (UNAVAILABLE), its error says how many messages of the stream it accepted: send waits (the
 ``retry-after-ms`` hint, or a growing pause) and opens a new stream from the first refused message,
-for up to ``retry_for`` seconds. Nothing is sent twice: messages the buffer accepted are never
-replayed, and a failure that does not say what was accepted (a connection cut) is not retried. A
-stream ends after about STREAM_BYTES, so at most that much waits in memory to be replayed.
+until refusals without progress have lasted ``retry_for`` seconds. Nothing is sent twice: messages
+the buffer accepted are never replayed, and neither a failure that does not say what was accepted
+(a connection cut) nor a COMMITTED stream (its accepted messages are not confirmed committed) is
+resumed. A stream ends after about STREAM_BYTES, so at most that much waits in memory to be
+replayed.
 """
 
 from __future__ import annotations
