@@ -325,7 +325,7 @@ class Flusher(Routine):
             # Joined in a worker thread: copying megabytes on the event loop would stall the
             # writers, and bytes.join lets other threads run while it copies a large batch.
             payload = await asyncio.get_running_loop().run_in_executor(
-                self._executor, b"".join, [chunk for e in batch for chunk in e.chunks()])
+                self._executor, b"".join, [data for e in batch for data, _ in e.parts()])
             failure, attempts = await self._insert(table, fmt, payload, token, rows)
             seconds = time.monotonic() - t0
             if failure is None:

@@ -61,10 +61,6 @@ class Entry:
     def __post_init__(self) -> None:
         self.size = len(self.payload)
 
-    def chunks(self) -> list[bytes]:
-        """The entry's rows as the payloads that brought them, in order."""
-        return [self.payload] if self.extra is None else [self.payload, *(p for p, _ in self.extra)]
-
     def parts(self) -> list[tuple[bytes, int]]:
         """(payload, rows) of each request in the entry, in order."""
         if self.extra is None:
@@ -160,8 +156,8 @@ class Ring:
 
     # ----- admission -----------------------------------------------------------------------
 
-    def _fits(self, entry: Entry) -> bool:
-        return self.bytes + entry.size <= self.max_bytes and self.rows + entry.rows <= self.max_rows
+    def _fits(self, size: int, rows: int) -> bool:
+        return self.bytes + size <= self.max_bytes and self.rows + rows <= self.max_rows
 
     def retry_after(self) -> float:
         """A hint for rejected clients: roughly how long until there may be room."""
@@ -169,7 +165,7 @@ class Ring:
 
     def try_admit(self, entry: Entry) -> bool:
         """Adds the entry if it fits right now without dropping or waiting; False otherwise."""
-        if self._closed or self._blocked or not self._fits(entry):
+        if self._closed or self._blocked or not self._fits(entry.size, entry.rows):
             return False
         self._admit(entry)
         return True
@@ -188,8 +184,7 @@ class Ring:
             return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
         size = len(payload)
-        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes
-                or self.bytes + size > self.max_bytes or self.rows + rows > self.max_rows
+        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:
@@ -198,16 +193,7 @@ class Ring:
             tail.extra.append((payload, rows))
         tail.rows += rows
         tail.size += size
-        queued_rows = self._queued_rows[key] = self._queued_rows[key] + rows
-        queued_bytes = self._queued_bytes[key] = self._queued_bytes[key] + size
-        self.bytes += size
-        self.rows += rows
-        c = self.counters
-        c.accepted_rows += rows
-        c.accepted_bytes += size
-        c.accepted_requests += 1
-        if queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
-            self.arrived.set()
+        self._accepted(key, rows, size, new_key=False)
         return True
 
     def offer(self, entry: Entry) -> None:
@@ -216,13 +202,11 @@ class Ring:
             raise BufferClosed("the buffer is draining and accepts no new rows")
         if entry.size > self.max_bytes or entry.rows > self.max_rows:
             raise ValueError("entry larger than the whole buffer")
-        if not self._blocked and self._fits(entry):
-            self._admit(entry)
+        if self.try_admit(entry):
             return
         if self.when_full is WhenFull.DROP_OLDEST and not self._blocked:
             self._drop_oldest_for(entry)
-            if self._fits(entry):
-                self._admit(entry)
+            if self.try_admit(entry):
                 return
         raise BufferFull(self._full_message(), self.retry_after())
 
@@ -233,8 +217,7 @@ class Ring:
             return
         if self._closed:
             raise BufferClosed("the buffer is draining and accepts no new rows")
-        if not self._blocked and self._fits(entry):
-            self._admit(entry)
+        if self.try_admit(entry):
             return
         # Waiters are admitted strictly in arrival order so a large request is not starved.
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -275,19 +258,23 @@ class Ring:
         if queue is None:
             queue = self._queues[key] = collections.deque()
         queue.append(entry)
+        self._outstanding[seq] = entry
+        self.emptied.clear()
+        self._accepted(key, rows, size, new_key=len(queue) == 1)
+
+    def _accepted(self, key: Key, rows: int, size: int, new_key: bool) -> None:
+        """Counts a request's rows in (a new entry, or the newest entry of its key)."""
         queued_rows = self._queued_rows[key] = self._queued_rows[key] + rows
         queued_bytes = self._queued_bytes[key] = self._queued_bytes[key] + size
-        self._outstanding[seq] = entry
         self.bytes += size
         self.rows += rows
         c = self.counters
         c.accepted_rows += rows
         c.accepted_bytes += size
         c.accepted_requests += 1
-        self.emptied.clear()
         # Wake the flusher only when it has something new to decide: a key that was empty (its age
         # timer starts) or a key that reached a flush size. Waking it per request costs throughput.
-        if len(queue) == 1 or queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
+        if new_key or queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
             self.arrived.set()
 
     def _admit_blocked(self) -> None:
@@ -296,14 +283,14 @@ class Ring:
             if fut.done():  # timed out or cancelled
                 self._blocked.popleft()
                 continue
-            if not self._fits(entry):
+            if not self._fits(entry.size, entry.rows):
                 return
             self._blocked.popleft()
             self._admit(entry)
             fut.set_result(None)
 
     def _drop_oldest_for(self, entry: Entry) -> None:
-        while not self._fits(entry):
+        while not self._fits(entry.size, entry.rows):
             victim = self._oldest_pending()
             if victim is None:
                 return  # everything left is in flight; nothing may be dropped

@@ -165,15 +165,22 @@ async def run_send(*args: str) -> tuple[int, dict[str, Any] | None, str]:
     return proc.returncode, json.loads(out) if out.strip() else None, err.decode()
 
 
-async def test_send_resumes_where_a_full_buffer_refused_it_and_sends_nothing_twice(
-        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+async def refusing_buffer(clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any],
+                          tmp_path: Any) -> tuple[Any, Any]:
+    """A small reject-policy buffer whose ClickHouse is down, and a file five times its size (20,000 rows)."""
     clickhouse.create("t")
     buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
                              buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
                              flush_interval="50ms", retry_initial_backoff="50ms")
     data = tmp_path / "rows.ndjson"
-    data.write_bytes(jrows(0, 20_000))  # about 360 kB: five times the buffer
-    proxy.set("refuse")  # ClickHouse is down: the buffer fills and refuses
+    data.write_bytes(jrows(0, 20_000))  # about 360 kB
+    proxy.set("refuse")  # the buffer fills and refuses
+    return buf, data
+
+
+async def test_send_resumes_where_a_full_buffer_refused_it_and_sends_nothing_twice(
+        clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    buf, data = await refusing_buffer(clickhouse, proxy, start_buffer, tmp_path)
     sending = asyncio.create_task(run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
                                            "--chunk-bytes", "4096", "--flush", "--progress", "off"))
     await asyncio.sleep(1.5)
@@ -192,13 +199,7 @@ async def test_send_resumes_where_a_full_buffer_refused_it_and_sends_nothing_twi
 
 async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
         clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
-    clickhouse.create("t")
-    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
-                             buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
-                             flush_interval="50ms", retry_initial_backoff="50ms")
-    data = tmp_path / "rows.ndjson"
-    data.write_bytes(jrows(0, 20_000))
-    proxy.set("refuse")
+    buf, data = await refusing_buffer(clickhouse, proxy, start_buffer, tmp_path)
     code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
                                         "--chunk-bytes", "4096", "--retry-for", "1", "--progress", "off")
     accepted = buf.app.ring.counters.accepted_rows
@@ -214,13 +215,7 @@ async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
 
 async def test_send_does_not_resume_a_committed_stream_whose_commit_it_cannot_confirm(
         clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
-    clickhouse.create("t")
-    buf = await start_buffer(clickhouse_url=proxied(proxy, clickhouse), when_full="reject", tables="t",
-                             buffer_max_bytes="64KiB", max_request_bytes="8KiB", flush_max_bytes="16KiB",
-                             flush_interval="50ms", retry_initial_backoff="50ms")
-    data = tmp_path / "rows.ndjson"
-    data.write_bytes(jrows(0, 20_000))
-    proxy.set("refuse")
+    buf, data = await refusing_buffer(clickhouse, proxy, start_buffer, tmp_path)
     code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound, "--ack",
                                         "committed", "--chunk-bytes", "4096", "--progress", "off")
     assert code == 1 and summary is None

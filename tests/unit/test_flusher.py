@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,6 +42,16 @@ class Rig:
     def add(self, entry: Entry) -> Entry:
         self.ring.offer(entry)
         return entry
+
+    def hold_inserts(self) -> threading.Event:
+        """Inserts wait (in their threads) until the returned event is set."""
+        self.sink.gate = threading.Event()
+        return self.sink.gate
+
+    async def add_taken(self, entry: Entry) -> None:
+        """Adds the entry and waits until the flusher has taken it (its insert is under way)."""
+        self.add(entry)
+        await until(lambda: not self.ring.queued_keys())
 
 
 @pytest.fixture
@@ -85,13 +96,9 @@ async def test_flushes_at_max_rows_without_waiting(rig_factory: Callable[..., Ri
 
 
 async def test_a_backlog_goes_out_in_batches_bounded_by_bytes_not_rows(rig_factory: Callable[..., Rig]) -> None:
-    import threading
-
     rig = rig_factory(max_rows=10, max_bytes=400)  # 8 bytes a row: 50 rows per insert at most
-    gate = threading.Event()
-    rig.sink.gate = gate
-    rig.add(rows(10))  # due: the first insert starts and waits at the gate
-    await until(lambda: not rig.ring.queued_keys())  # taken: the insert is under way
+    gate = rig.hold_inserts()
+    await rig.add_taken(rows(10))  # due: the first insert starts and waits at the gate
     for _ in range(12):
         rig.add(rows(10))  # a backlog of 120 rows builds up meanwhile
     gate.set()
@@ -101,15 +108,10 @@ async def test_a_backlog_goes_out_in_batches_bounded_by_bytes_not_rows(rig_facto
 
 
 async def test_full_batches_of_one_table_go_out_side_by_side(rig_factory: Callable[..., Rig]) -> None:
-    import threading
-
     rig = rig_factory(max_rows=10, concurrency=2)
-    gate = threading.Event()
-    rig.sink.gate = gate
-    rig.add(rows(10))
-    await until(lambda: not rig.ring.queued_keys())  # the first insert waits at the gate
-    rig.add(rows(10))
-    await until(lambda: not rig.ring.queued_keys())  # a second full batch starts beside it
+    gate = rig.hold_inserts()
+    await rig.add_taken(rows(10))  # the first insert waits at the gate
+    await rig.add_taken(rows(10))  # a second full batch starts beside it
     rig.add(rows(10))
     await asyncio.sleep(0.05)
     assert rig.ring.queued(KEY)[0] == 10, "no third insert: both slots are busy"
@@ -119,13 +121,9 @@ async def test_full_batches_of_one_table_go_out_side_by_side(rig_factory: Callab
 
 
 async def test_a_partial_batch_waits_for_its_tables_insert_and_grows(rig_factory: Callable[..., Rig]) -> None:
-    import threading
-
     rig = rig_factory(max_rows=10, concurrency=2)
-    gate = threading.Event()
-    rig.sink.gate = gate
-    rig.add(rows(10))
-    await until(lambda: not rig.ring.queued_keys())
+    gate = rig.hold_inserts()
+    await rig.add_taken(rows(10))
     rig.add(rows(3))
     barrier = rig.ring.barrier()
     rig.flusher.wake()
@@ -139,15 +137,10 @@ async def test_a_partial_batch_waits_for_its_tables_insert_and_grows(rig_factory
 
 
 async def test_a_table_with_a_backlog_never_holds_up_another(rig_factory: Callable[..., Rig]) -> None:
-    import threading
-
     rig = rig_factory(max_rows=10, concurrency=2)
-    gate = threading.Event()
-    rig.sink.gate = gate
-    rig.add(rows(10))
-    await until(lambda: not rig.ring.queued_keys())
-    rig.add(rows(10))
-    await until(lambda: not rig.ring.queued_keys())  # both slots: the backlog of "events"
+    gate = rig.hold_inserts()
+    await rig.add_taken(rows(10))
+    await rig.add_taken(rows(10))  # both slots: the backlog of "events"
     rig.add(rows(1, ("other", "JSONEachRow")))
     rig.clock.advance(2)  # old enough to flush
     rig.flusher.wake()
@@ -289,8 +282,6 @@ async def test_stop_after_deadline_reports_rows_not_flushed() -> None:
 
 
 async def test_an_insert_still_running_at_exit_is_in_doubt_not_lost() -> None:
-    import threading
-
     clock = FakeClock()
     ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
     sink = MemorySink(gate=threading.Event())  # the insert hangs, as one to a stalled server would
@@ -333,10 +324,7 @@ async def test_no_answer_retries_on_a_short_cap_server_errors_on_the_long_one() 
 
 async def test_inserts_run_off_the_event_loop(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(max_rows=1, max_bytes=8)  # one 8-byte entry per batch
-    import threading
-
-    gate = threading.Event()
-    rig.sink.gate = gate
+    gate = rig.hold_inserts()
     rig.add(rows(1))
     # While the insert is blocked in its thread, the loop keeps running and accepting.
     await asyncio.sleep(0.05)

@@ -98,7 +98,7 @@ async def test_appended_writes_join_the_newest_entry_and_are_counted_like_any_ot
     first = entry(20, 2)
     ring.offer(first)
     assert ring.try_append(KEY, b"b" * 10, 1) and ring.try_append(KEY, b"c" * 10, 1)
-    assert first.chunks() == [b"x" * 20, b"b" * 10, b"c" * 10] and (first.rows, first.size) == (4, 40)
+    assert first.parts() == [(b"x" * 20, 2), (b"b" * 10, 1), (b"c" * 10, 1)] and (first.rows, first.size) == (4, 40)
     assert (ring.bytes, ring.rows, ring.outstanding) == (40, 4, 1)
     assert ring.queued(KEY)[:2] == (4, 40)
     assert ring.counters.accepted_requests == 3 and ring.counters.accepted_rows == 4
@@ -258,7 +258,7 @@ class RingMachine(RuleBasedStateMachine):
         try:
             self.ring.offer(e)
         except BufferFull:
-            assert not self.ring._fits(e) or self.ring.blocked_writers
+            assert not self.ring._fits(e.size, e.rows) or self.ring.blocked_writers
             return
         self.accepted[e.seq] = e
 
