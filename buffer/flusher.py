@@ -39,7 +39,7 @@ from buffer.deadletter import DeadLetter, DeadLetterStore
 from buffer.errors import InsertFailure, classify
 from buffer.ring import Entry, Key, Ring
 from buffer.routines import Routine
-from buffer.sink import Sink, SinkUnavailable
+from buffer.sink import Payload, Sink, SinkUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Flusher(Routine):
             cap = min(cap, NO_ANSWER_MAX_BACKOFF)
         return random.uniform(0, min(cap, p.initial_backoff * 2 ** (attempt - 1)))
 
-    async def _insert(self, table: str, fmt: str, payload: bytes, token: str, rows: int) -> tuple[
+    async def _insert(self, table: str, fmt: str, payload: Payload, token: str, rows: int) -> tuple[
             InsertFailure | None, int]:
         """One payload, retried while retryable and time allows. Returns (failure or None, attempts)."""
         loop = asyncio.get_running_loop()
@@ -322,10 +322,9 @@ class Flusher(Routine):
             "db.system": "clickhouse", "db.collection.name": table, "ingest_buffer.format": fmt,
             "ingest_buffer.rows": rows, "ingest_buffer.bytes": size, "ingest_buffer.token": token})
         try:
-            # Joined in a worker thread: copying megabytes on the event loop would stall the
-            # writers, and bytes.join lets other threads run while it copies a large batch.
-            payload = await asyncio.get_running_loop().run_in_executor(
-                self._executor, b"".join, [data for e in batch for data, _ in e.parts()])
+            # The requests' payloads, not joined here: the sink joins them (in its worker thread)
+            # only where it needs one body, and the embedded engine needs none.
+            payload = [data for e in batch for data, _ in e.parts()]
             failure, attempts = await self._insert(table, fmt, payload, token, rows)
             seconds = time.monotonic() - t0
             if failure is None:
@@ -378,9 +377,9 @@ class Flusher(Routine):
                 if self._past_deadline():
                     unsent.extend(group)
                     continue
-                data = b"".join(p.data for p in group)
                 rows = sum(p.rows for p in group)
-                failure, _ = await self._insert(table, fmt, data, f"{token}/{group[0].label}-{group[-1].label}", rows)
+                label = f"{token}/{group[0].label}-{group[-1].label}"
+                failure, _ = await self._insert(table, fmt, [p.data for p in group], label, rows)
                 if failure is None:
                     for p in group:
                         good[id(p.entry)] += p.rows

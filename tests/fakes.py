@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from buffer.sink import Payload
+
 
 class FakeClock:
     def __init__(self, start: float = 1000.0) -> None:
@@ -38,8 +40,8 @@ class MemorySink:
     on_insert: Callable[[Insert], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def insert(self, table: str, fmt: str, payload: bytes, token: str) -> None:
-        item = Insert(table, fmt, payload, token)
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> None:
+        item = Insert(table, fmt, payload if isinstance(payload, bytes) else b"".join(payload), token)
         if self.gate is not None:
             self.gate.wait(10)
         with self.lock:

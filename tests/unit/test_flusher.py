@@ -12,6 +12,7 @@ import pytest
 
 from buffer.flusher import Flusher, FlushPolicy
 from buffer.ring import Entry, EntryFailed, Ring, State, WhenFull
+from buffer.sink import Payload
 from tests.fakes import ClickHouseError, FakeClock, Insert, MemorySink
 
 KEY = ("events", "JSONEachRow")
@@ -364,7 +365,8 @@ async def test_each_flush_is_a_span_with_table_rows_bytes_and_attempts() -> None
 class PoisonSink(MemorySink):
     """Refuses, like ClickHouse's parser, any payload holding a row with b"bad" in it."""
 
-    def insert(self, table: str, fmt: str, payload: bytes, token: str) -> None:
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> None:
+        payload = payload if isinstance(payload, bytes) else b"".join(payload)
         if b"bad" in payload:
             with self.lock:
                 self.attempts.append(Insert(table, fmt, payload, token))
