@@ -1,6 +1,7 @@
 """Throughput and ack latency of ingest-buffer against direct ClickHouse inserts, on one embedded chDB.
 
-Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--repeat R] [--quick] [--profile DIR]``
+Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--repeat R] [--quick] [--reference]
+[--profile DIR]``
 
 Design (chDB lets one process open one data path, and never two processes the same path at once,
 so everything touching the data runs in turn, each phase in its own process):
@@ -21,6 +22,10 @@ so everything touching the data runs in turn, each phase in its own process):
    rows acknowledged`` shows each row landed exactly once. After every phase the table is merged
    (``OPTIMIZE ... FINAL``, untimed), so no phase pays for the merges of the one before (1-row
    direct inserts leave a part per row behind).
+
+With ``--reference`` every sidecar phase also runs against ``bench/reference_server.py`` (the
+simplest server that takes the same requests: no checks, no bounds, no retries, no accounting), so
+what the sidecar's guarantees cost and what its flushing gains are measured side by side.
 
 Each phase stops at ``--seconds`` or when its pre-encoded rows run out, whichever comes first.
 The whole sequence runs ``--repeat`` times (default 3), one round after the other so that a slow
@@ -55,9 +60,12 @@ DDL = (f"CREATE TABLE {DB}.{TABLE} (id UInt64, ts DateTime, kind LowCardinality(
        "payload String) ENGINE = MergeTree ORDER BY (kind, ts) SETTINGS non_replicated_deduplication_window = 1000")
 KINDS = ("click", "view", "purchase", "signup")
 SIZES = (1, 1000)
+SHAPES = ("unary", "stream")
+REFERENCE_SHAPES = ("reference-unary", "reference-stream")
 # Each phase writes ids [lo, lo + rows): lo = (phase number) * ID_SPAN + (round) * ROUND_SPAN.
 PHASES = {"baseline/1": 1, "baseline/1000": 2, "bulk": 3, "unary/1": 4, "unary/1000": 5,
-          "stream/1": 6, "stream/1000": 7}
+          "stream/1": 6, "stream/1000": 7, "reference-unary/1": 8, "reference-unary/1000": 9,
+          "reference-stream/1": 10, "reference-stream/1000": 11}
 ID_SPAN = 10**10
 ROUND_SPAN = 10**9
 SERVE_SETTINGS = ["--database", DB, "--tables", TABLE, "--when-full", "block", "--buffer-max-bytes", "256MiB",
@@ -144,7 +152,8 @@ async def run_client(target: str, shape: str, size: int, clients: int, rows: int
 
     from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 
-    msg = pb.WriteRequest if shape == "unary" else pb.WriteStreamRequest
+    unary = shape.endswith("unary")  # "unary" or "reference-unary", and the same for streams
+    msg = pb.WriteRequest if unary else pb.WriteStreamRequest
     pool = [msg(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW, rows=p).SerializeToString()
             for p in payloads(f"{shape}/{size}", round_, size, rows, part, parts)]
     channel = aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
@@ -178,7 +187,7 @@ async def run_client(target: str, shape: str, size: int, clients: int, rows: int
         lat.append(time.perf_counter() - t)
         acked[0] += reply.rows
 
-    await asyncio.gather(*(unary_client() if shape == "unary" else stream_client() for _ in range(clients)))
+    await asyncio.gather(*(unary_client() if unary else stream_client() for _ in range(clients)))
     cpu = time.process_time() - cpu0
     await channel.close()
     return {"rows": acked[0], "lat": lat, "cpu": cpu}
@@ -251,14 +260,17 @@ def sidecar_phase(target: str, pid: int, shape: str, size: int, args: argparse.N
 
 def run_sidecar(path: Path, shape: str, size: int, args: argparse.Namespace, budget: int,
                 log: Path, round_: int) -> dict[str, Any]:
-    """One phase against a fresh `ingest-buffer serve` process on the path; returns after it exited."""
+    """One phase against a fresh `ingest-buffer serve` process (or, for a ``reference-`` shape, the
+    reference server) on the path; returns after it exited."""
     import grpc
 
     from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 
     grpc_port, http_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
-    cmd = [sys.executable, "-m", "buffer", "serve", "--grpc-listen", target, "--http-listen",
+    server = ([str(ROOT / "bench" / "reference_server.py")] if shape.startswith("reference-")
+              else ["-m", "buffer"])
+    cmd = [sys.executable, *server, "serve", "--grpc-listen", target, "--http-listen",
            f"127.0.0.1:{http_port}", "--clickhouse-url", f"chdb://{path}", *SERVE_SETTINGS]
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
@@ -327,8 +339,12 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
             "ack p50", "ack p99", "landed OK")
     lines = []
     names = {"baseline": "(a) direct INSERT per request", "unary": "(b) sidecar, unary Write",
-             "stream": "(b) sidecar, WriteStream/client*", "bulk": "(c) one bulk INSERT"}
-    for phase in ("baseline/1", "unary/1", "stream/1", "baseline/1000", "unary/1000", "stream/1000", "bulk"):
+             "stream": "(b) sidecar, WriteStream/client*", "bulk": "(c) one bulk INSERT",
+             "reference-unary": "(d) reference server, unary", "reference-stream": "(d) reference, stream/client*"}
+    reference = bool(results["reference-unary/1"])
+    order = [f"{kind}/{size}" for size in SIZES
+             for kind in ("baseline", *SHAPES, *(REFERENCE_SHAPES if reference else ()))] + ["bulk"]
+    for phase in order:
         runs = results[phase]
         r = median_run(runs)
         kind, _, size = phase.partition("/")
@@ -353,7 +369,14 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
           "  itself. landed OK: in every round count() == uniqExact(id) == rows acked (and, for the sidecar,\n"
           "  the final Flush reported no failed rows). Sidecar exit code 0 = it reported every accepted row\n"
           "  committed.")
-    for phase in ("unary/1", "stream/1", "unary/1000", "stream/1000"):
+    if reference:
+        ratios = []
+        for rows in SIZES:
+            for shape in SHAPES:
+                ours, theirs = (rate(median_run(results[f"{p}{shape}/{rows}"])) for p in ("", "reference-"))
+                ratios.append(f"{shape} {rows:,}-row {ours / theirs:.2f}")
+        print("sidecar / reference server, rows/s (medians): " + ", ".join(ratios))
+    for phase in [p for p in order if not p.startswith(("baseline", "bulk"))]:
         r = median_run(results[phase])
         codes = ",".join(str(x["exit_code"]) for x in results[phase])
         print(f"  {phase:<12} sidecar CPU {r['server_cpu'] * 100:5.0f}%   client procs CPU "
@@ -377,6 +400,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every phase; medians are shown (default 3)")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s phases, smaller budgets (<1 min)")
     parser.add_argument("--profile", type=Path, default=None, help="record py-spy flame graphs of the sidecar here")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run the sidecar's phases against bench/reference_server.py, the simplest "
+                             "server that takes the same requests (about 2 more minutes)")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rows, args.small_rows = 2.0, min(args.rows, 600_000), min(args.small_rows, 100_000)
@@ -397,6 +423,8 @@ def main() -> int:
         print("sidecar: ingest-buffer serve --clickhouse-url chdb://<data> " + " ".join(SERVE_SETTINGS)
               + " (127.0.0.1 free ports; a fresh process per phase)", flush=True)
         results: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASES}
+        if args.reference:
+            print("reference: bench/reference_server.py with the same flags, same clients, same phases", flush=True)
         for round_ in range(args.repeat):
             direct = child("_direct", str(path), str(args.clients), str(args.seconds), json.dumps(budget),
                            str(round_))
@@ -407,7 +435,7 @@ def main() -> int:
             assert direct.returncode == 0 and out.strip(), "the direct-insert phase failed (its stderr is above)"
             for phase, run in json.loads(out.splitlines()[-1]).items():
                 results[phase].append(run)
-            for shape in ("unary", "stream"):
+            for shape in SHAPES + (REFERENCE_SHAPES if args.reference else ()):
                 for size in SIZES:
                     phase = f"{shape}/{size}"
                     run = run_sidecar(path, shape, size, args, budget[size], tmp / "serve.log", round_)
