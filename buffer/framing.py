@@ -9,8 +9,6 @@ they send.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import grpc
 
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
@@ -41,11 +39,9 @@ class RequestError(Exception):
         self.counted = False  # already in the rejected-requests metric
 
 
-class Checked(NamedTuple):
-    table: str
-    format: str
-    rows: int
-    lines: bool  # a line format: rows can be split apart without decoding them
+# What check_request finds: (ClickHouse format name, rows, is a line format — its rows can be split
+# apart without decoding them). A plain tuple: this runs once per request, often per row.
+Checked = tuple[str, int, bool]
 
 
 # Names that passed the check, so the hot path skips the pattern match (bounded: clients choose them).
@@ -104,4 +100,4 @@ def check_request(table: str, fmt: int, payload: bytes, row_count: int, max_byte
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"the request holds {rows} rows, more than the whole buffer ({max_rows}): "
                            "split it", "too_many_rows")
-    return Checked(table, name, rows, is_lines)
+    return name, rows, is_lines

@@ -184,7 +184,8 @@ class Ring:
             return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
         size = len(payload)
-        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
+        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes
+                or self.bytes + size > self.max_bytes or self.rows + rows > self.max_rows  # _fits, inlined
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:
@@ -193,7 +194,7 @@ class Ring:
             tail.extra.append((payload, rows))
         tail.rows += rows
         tail.size += size
-        self._accepted(key, rows, size, new_key=False)
+        self._accepted(key, rows, size, False)
         return True
 
     def offer(self, entry: Entry) -> None:

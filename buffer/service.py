@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 RETRY_AFTER_KEY = "retry-after-ms"
 ACCEPTED_MESSAGES_KEY = "accepted-messages"
+_COMMITTED = pb.ACK_LEVEL_COMMITTED
 
 
 def _parse(message_type: Any, raw: bytes) -> Any:
@@ -58,21 +59,22 @@ class IngestService:
         Returns (rows, bytes, the entry to wait on for a COMMITTED ack or None).
         """
         payload: bytes = req.rows
+        table: str = req.table
         self.received_requests += 1
         self.received_bytes += len(payload)
         try:
-            checked = check_request(req.table, req.format, payload, req.row_count, self.max_request_bytes,
-                                    self.ring.max_rows)
-            self.received_rows += checked.rows
-            if not self.catalog.allows(checked.table):
-                await self.catalog.check(checked.table)
-            key = (checked.table, checked.format)
-            committed = ack == pb.ACK_LEVEL_COMMITTED
+            fmt, rows, lines = check_request(table, req.format, payload, req.row_count, self.max_request_bytes,
+                                             self.ring.max_rows)
+            self.received_rows += rows
+            if not self.catalog.allows(table):
+                await self.catalog.check(table)
+            key = (table, fmt)
+            committed = ack == _COMMITTED
             # The common cases, with room: joined to the newest entry of its table (small writes
             # in a row), or a new entry; no waiting to set up.
-            if not committed and checked.lines and self.ring.try_append(key, payload, checked.rows):
-                return checked.rows, len(payload), None
-            entry = Entry(key, payload, checked.rows)
+            if not committed and lines and self.ring.try_append(key, payload, rows):
+                return rows, len(payload), None
+            entry = Entry(key, payload, rows)
             if committed:
                 entry.waiter = asyncio.get_running_loop().create_future()
             if not self.ring.try_admit(entry):

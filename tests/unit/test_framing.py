@@ -14,8 +14,8 @@ J = pb.FORMAT_JSON_EACH_ROW
 
 
 def check(table: str = "t", fmt: int = J, payload: bytes = b'{"a":1}\n', row_count: int = 0) -> tuple[str, int]:
-    c = check_request(table, fmt, payload, row_count, max_bytes=1000, max_rows=50)
-    return c.format, c.rows
+    name, rows, _ = check_request(table, fmt, payload, row_count, max_bytes=1000, max_rows=50)
+    return name, rows
 
 
 @pytest.mark.parametrize(("kwargs", "code", "words"), [
