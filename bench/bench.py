@@ -379,7 +379,7 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
     for phase in [p for p in order if not p.startswith(("baseline", "bulk"))]:
         r = median_run(results[phase])
         codes = ",".join(str(x["exit_code"]) for x in results[phase])
-        print(f"  {phase:<12} sidecar CPU {r['server_cpu'] * 100:5.0f}%   client procs CPU "
+        print(f"  {phase:<22} server CPU {r['server_cpu'] * 100:5.0f}%   client procs CPU "
               f"{r['client_cpu'] * 100:5.0f}%   (of one core)   sidecar exit codes {codes}")
 
 

@@ -46,8 +46,11 @@ async def serve(args: argparse.Namespace) -> None:
                 batch = b"".join(pending)
                 pending.clear()
                 rows, busy = 0, True
-                await asyncio.to_thread(client.raw_insert, f"{args.database}.{TABLE}", None, batch, fmt="JSONEachRow")
-                busy = False
+                try:  # a failure ends the flusher (and the process, non-zero, at exit): rows are lost
+                    await asyncio.to_thread(client.raw_insert, f"{args.database}.{TABLE}", None, batch,
+                                            fmt="JSONEachRow")
+                finally:
+                    busy = False
 
     def take(req: Any) -> int:
         nonlocal rows

@@ -147,14 +147,17 @@ async def test_a_batch_given_as_parts_lands_as_their_concatenation(clickhouse: C
     assert len(big) > FILE_CHUNK  # written as it is; the one-row parts around it in joined runs
     parts = [jrows(i, 1) for i in range(1000)] + [big] + [jrows(i, 1) for i in range(5000, 6000)]
     sink = ClickHouseSink(load({"clickhouse_url": clickhouse.url, "database": clickhouse.database}, env={}))
+    query = ("SELECT count(), uniqExact(id), min(id), max(id), sum(s = concat('row ', toString(id))) "
+             f"FROM {clickhouse.database}.t")
     try:
-        for _ in range(2):  # a retry of the same parts with the same token inserts nothing twice
-            sink.insert("t", "JSONEachRow", parts, token="instance-1-2001")
+        sink.insert("t", "JSONEachRow", parts, token="instance-1-2001")
+        assert [int(x) for x in clickhouse.command(query)] == [6000, 6000, 0, 5999, 6000]
+        sink.insert("t", "JSONEachRow", parts, token="instance-1-2001")  # a retry: nothing twice
+        assert clickhouse.count("t") == 6000
+        sink.insert("t", "JSONEachRow", parts, token="instance-2002-4002")  # the same parts sent again, whole
+        assert [int(x) for x in clickhouse.command(query)] == [12000, 6000, 0, 5999, 12000]
     finally:
         sink.close()
-    got = clickhouse.command("SELECT count(), uniqExact(id), min(id), max(id), sum(s = concat('row ', toString(id))) "
-                             f"FROM {clickhouse.database}.t")
-    assert [int(x) for x in got] == [6000, 6000, 0, 5999, 6000]
 
 
 @pytest.mark.parametrize(("override", "code", "words"), BAD, ids=[b[2] for b in BAD])
