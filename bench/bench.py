@@ -380,7 +380,7 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
         r = median_run(results[phase])
         codes = ",".join(str(x["exit_code"]) for x in results[phase])
         print(f"  {phase:<22} server CPU {r['server_cpu'] * 100:5.0f}%   client procs CPU "
-              f"{r['client_cpu'] * 100:5.0f}%   (of one core)   sidecar exit codes {codes}")
+              f"{r['client_cpu'] * 100:5.0f}%   (of one core)   server exit codes {codes}")
 
 
 def busy_warning() -> None:
