@@ -4,7 +4,7 @@ Each accepted request becomes one :class:`Entry` (its payload is kept as the byt
 handed over: no copy, no parsing), or, when it needs no ack of its own, joins the newest entry of
 its key (``try_append``), so that a run of small writes costs the buffer one entry. Entries wait
 in one FIFO per (table, format) key. The flusher *takes* a batch from a key; the batch's bytes
-still count against the capacity until the flusher *releases* it, so the rows held never exceed
+still count against the capacity until the flusher *releases* it, so the rows it holds never take more than
 ``max_bytes`` plus one request, whatever ClickHouse does.
 
 Every entry ends in exactly one of two states, and the counters add up:
