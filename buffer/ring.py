@@ -4,8 +4,8 @@ Each accepted request becomes one :class:`Entry` (its payload is kept as the byt
 handed over: no copy, no parsing), or, when it needs no ack of its own, joins the newest entry of
 its key (``try_append``), so that a run of small writes costs the buffer one entry. Entries wait
 in one FIFO per (table, format) key. The flusher *takes* a batch from a key; the batch's bytes
-still count against the capacity until the flusher *releases* it, so the rows it holds never take more than
-``max_bytes`` plus one request, whatever ClickHouse does.
+still count against the capacity until the flusher *releases* it, so the rows it holds never
+take more than ``max_bytes`` plus one request, whatever ClickHouse does.
 
 Every entry ends in exactly one of two states, and the counters add up:
 ``accepted == committed + failed + outstanding`` where failed entries carry a reason
@@ -184,8 +184,7 @@ class Ring:
             return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
         size = len(payload)
-        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes
-                or self.bytes + size > self.max_bytes or self.rows + rows > self.max_rows  # _fits, inlined
+        if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:

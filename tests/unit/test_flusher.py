@@ -382,25 +382,35 @@ class ListStore:
         self.letters.extend(letters)
 
 
+class PoisonRig:
+    """A ring and a flusher over a PoisonSink; fill the ring, then drain() flushes everything."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, self.clock)
+        self.sink, self.store = PoisonSink(), ListStore()
+        self.flusher = Flusher(self.ring, self.sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=self.clock,
+                               instance="t", dead_letters=self.store)
+
+    async def drain(self) -> None:
+        task = asyncio.create_task(self.flusher.run())
+        self.ring.close()
+        self.flusher.drain(self.clock() + 60)
+        await self.flusher.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def run_poison(payloads: list[bytes], *, waiters: bool = False) -> tuple[PoisonSink, ListStore, list[Entry]]:
-    clock = FakeClock()
-    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
-    sink, store = PoisonSink(), ListStore()
-    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
-                      dead_letters=store)
+    rig = PoisonRig()
     entries = []
     for p in payloads:
         e = Entry(KEY, p, p.count(b"\n"))
         if waiters:
             e.waiter = asyncio.get_running_loop().create_future()
-        ring.offer(e)
+        rig.ring.offer(e)
         entries.append(e)
-    task = asyncio.create_task(flusher.run())
-    ring.close()
-    flusher.drain(clock() + 60)
-    await flusher.stop()
-    await asyncio.wait_for(task, 10)
-    return sink, store, entries
+    await rig.drain()
+    return rig.sink, rig.store, entries
 
 
 async def test_poison_rows_are_isolated_good_rows_land_bad_rows_dead_lettered() -> None:
@@ -419,45 +429,29 @@ async def test_poison_rows_are_isolated_good_rows_land_bad_rows_dead_lettered() 
 
 
 async def test_appended_writes_go_out_in_order_and_poison_rows_among_them_are_still_isolated() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
-    sink, store = PoisonSink(), ListStore()
-    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
-                      dead_letters=store)
+    rig = PoisonRig()
     first = Entry(KEY, b'{"a":0}\n', 1)
-    ring.offer(first)
+    rig.ring.offer(first)
     for i in range(1, 20):
         row = b'{"a":"bad"}\n' if i == 7 else b'{"a":%d}\n' % i
-        assert ring.try_append(KEY, row, 1)
-    assert ring.outstanding == 1, "twenty writes, one entry"
-    task = asyncio.create_task(flusher.run())
-    ring.close()
-    flusher.drain(clock() + 60)
-    await flusher.stop()
-    await asyncio.wait_for(task, 10)
-    landed = b"".join(i.payload for i in sink.inserts)
-    assert landed.count(b"\n") == 19 and [letter.payload for letter in store.letters] == [b'{"a":"bad"}\n']
+        assert rig.ring.try_append(KEY, row, 1)
+    assert rig.ring.outstanding == 1, "twenty writes, one entry"
+    await rig.drain()
+    landed = b"".join(i.payload for i in rig.sink.inserts)
+    assert landed.count(b"\n") == 19 and [letter.payload for letter in rig.store.letters] == [b'{"a":"bad"}\n']
     assert first.committed_rows == 19 and first.reason.startswith("dead_lettered:")
-    assert ring.counters.committed_rows == 19 and ring.counters.accepted_requests == 20
+    assert rig.ring.counters.committed_rows == 19 and rig.ring.counters.accepted_requests == 20
 
 
 async def test_an_odd_request_in_a_shared_entry_does_not_keep_the_others_from_splitting() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, clock)
-    sink, store = PoisonSink(), ListStore()
-    flusher = Flusher(ring, sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=clock, instance="t",
-                      dead_letters=store)
+    rig = PoisonRig()
     pretty = Entry(KEY, b'{"a":\n0}\n', 1)  # one row over two lines, as its writer said (row_count=1)
-    ring.offer(pretty)
-    assert ring.try_append(KEY, b'{"a":1}\n{"a":"bad"}\n{"a":3}\n', 3)
-    task = asyncio.create_task(flusher.run())
-    ring.close()
-    flusher.drain(clock() + 60)
-    await flusher.stop()
-    await asyncio.wait_for(task, 10)
-    assert [letter.payload for letter in store.letters] == [b'{"a":"bad"}\n']
+    rig.ring.offer(pretty)
+    assert rig.ring.try_append(KEY, b'{"a":1}\n{"a":"bad"}\n{"a":3}\n', 3)
+    await rig.drain()
+    assert [letter.payload for letter in rig.store.letters] == [b'{"a":"bad"}\n']
     assert pretty.committed_rows == 3
-    assert ring.counters.failed_rows == {"dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED": 1}
+    assert rig.ring.counters.failed_rows == {"dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED": 1}
 
 
 async def test_isolation_tokens_are_deterministic() -> None:
