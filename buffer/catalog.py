@@ -1,10 +1,12 @@
-"""Which tables a client may write to.
+"""Which tables a client may write to, and what their columns are.
 
-With an allowlist (``--tables``) the answer never needs ClickHouse. Without one, any table that
-exists in the configured database is allowed: the list is read from ``system.tables`` and read
-again (at most once a second) when a client names a table it does not know yet. While ClickHouse
-cannot be asked at all, names are let through with a warning rather than refusing every write;
-the flusher then reports a missing table as a permanent error.
+A table is writable when it exists in the configured database and, with an allowlist
+(``--tables``), is on it. What exists is read from ClickHouse (``Sink.schema``) at start, every
+30 s, and again (at most once a second) when a client names a table not known to exist — so a table
+created a moment ago is found, and one that is missing is refused with NOT_FOUND at once, with the
+same words the startup check uses, never acknowledged for rows that could only be lost. While
+ClickHouse cannot be asked at all, the allowlist alone decides (without one, any valid name is let
+through); the flusher then holds a missing table's rows until it appears.
 """
 
 from __future__ import annotations
@@ -14,27 +16,29 @@ import logging
 import time
 from collections.abc import Callable
 
-import grpc
-
-from buffer.framing import RequestError
+from buffer.errors import missing_database, missing_table
+from buffer.refusals import UnknownTable
+from buffer.sink import Schema
 
 log = logging.getLogger(__name__)
 
 
 class TableCatalog:
-    def __init__(self, allowlist: tuple[str, ...], list_tables: Callable[[], set[str]] | None,
+    def __init__(self, allowlist: tuple[str, ...], read_schema: Callable[[], Schema] | None,
                  database: str, refresh_interval: float = 1.0) -> None:
         self.allowlist = frozenset(allowlist)
-        self.list_tables = list_tables
+        self.read_schema = read_schema
         self.database = database
         self.refresh_interval = refresh_interval
-        self.known: set[str] = set()
+        self.schema: Schema | None = None  # None until ClickHouse answered once
         self.reachable: bool | None = None  # None until the first look-up
+        self._writable: frozenset[str] = frozenset()
+        self._headers: dict[str, frozenset[bytes]] = {}  # table → its column names, for CSV header checks
         self._last_refresh = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
-        if self.list_tables is None:
+        if self.read_schema is None:
             return
         if self._refreshing is None:
             self._refreshing = asyncio.create_task(self._refresh())
@@ -46,39 +50,44 @@ class TableCatalog:
                 self._refreshing = None
 
     async def _refresh(self) -> None:
-        assert self.list_tables is not None
+        assert self.read_schema is not None
         self._last_refresh = time.monotonic()
         try:
-            self.known = await asyncio.to_thread(self.list_tables)
-            if self.reachable is False:
-                log.info("ClickHouse answers again: %d tables in %s", len(self.known), self.database)
-            self.reachable = True
+            schema = await asyncio.to_thread(self.read_schema)
         except Exception as exc:
             if self.reachable is not False:
-                log.warning("cannot list the tables of %s in ClickHouse (%s); table names are accepted "
-                            "unverified until it answers", self.database, exc)
+                log.warning("cannot read the tables of %s from ClickHouse (%s); %s until it answers", self.database,
+                            str(exc)[:300], "the allowlist alone decides which tables are written to"
+                            if self.allowlist else "table names are accepted unverified")
             self.reachable = False
+            return
+        if self.reachable is False:
+            log.info("ClickHouse answers again: %d tables in %s", len(schema.columns), self.database)
+        self.reachable = True
+        self.schema = schema
+        tables = frozenset(schema.columns)
+        self._writable = tables & self.allowlist if self.allowlist else tables
+        self._headers = {t: frozenset(c.encode() for c in cols) for t, cols in schema.columns.items()}
 
     def allows(self, table: str) -> bool:
-        """True when the table is known to be allowed, without asking ClickHouse (the fast path)."""
-        return table in self.allowlist if self.allowlist else table in self.known
+        """True when the table is known to be writable, without asking ClickHouse (the fast path)."""
+        return table in self._writable
+
+    def columns(self, table: str) -> frozenset[bytes] | None:
+        """The table's column names as bytes (None when not known)."""
+        return self._headers.get(table)
 
     async def check(self, table: str) -> None:
-        """Raises RequestError(NOT_FOUND) for a table the client may not write to."""
-        if self.allowlist:
-            if table not in self.allowlist:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"table {table!r} is not in this buffer's allowlist "
-                                   f"({', '.join(sorted(self.allowlist))}); add it to --tables", "not_allowed")
-            return
-        if table in self.known:
+        """Raises UnknownTable for a table the client may not write to (the slow path)."""
+        if self.allowlist and table not in self.allowlist:
+            raise UnknownTable(f"table {table!r} is not in this buffer's allowlist "
+                               f"({', '.join(sorted(self.allowlist))}); add it to --tables", "not_allowed")
+        if table in self._writable:
             return
         if time.monotonic() - self._last_refresh >= self.refresh_interval:
             await self.refresh()
-        if table in self.known:
-            return
-        if self.reachable is False:
-            return
-        raise RequestError(grpc.StatusCode.NOT_FOUND,
-                           f"table {table!r} does not exist in database {self.database!r}: create it first "
-                           "(the buffer never creates tables)", "unknown_table")
+        if table in self._writable or self.reachable is not True or self.schema is None:
+            return  # writable now, or ClickHouse cannot say: the allowlist (or nothing) decided
+        if not self.schema.database_exists:
+            raise UnknownTable(missing_database(self.database), "unknown_database")
+        raise UnknownTable(missing_table(self.database, table), "unknown_table")

@@ -1,7 +1,8 @@
 """Startup checks against ClickHouse: each finding says what is wrong and what to do.
 
-Run once at start (and by ``ingest-buffer check-config --connect``). None of them stops the
-buffer — ClickHouse may be fixed while it runs — but each is logged where an operator looks.
+Run once at start (and by ``ingest-buffer check-config --connect``, which changes nothing in
+ClickHouse). None of them stops the buffer — ClickHouse may be fixed while it runs — but each is
+logged where an operator looks, in the same words a refused write or a held table uses.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from buffer.errors import classify
-from buffer.sink import Sink, quote_identifier
+from buffer.errors import bad_credentials, classify, error_code, missing_database, missing_table, quote_identifier
+from buffer.sink import Sink
 
 # Engines whose inserts deduplicate retries without further settings.
 _REPLICATED = re.compile(r"^(Replicated|Shared)")
@@ -23,7 +24,7 @@ RECOMMENDED_WINDOW = 1000
 class Finding:
     level: str  # "error" or "warning"
     message: str
-    unreachable: bool = False  # ClickHouse did not answer at all
+    unchecked: bool = False  # ClickHouse could not be checked at all (unreachable, refused us, locked)
 
     def __str__(self) -> str:
         return f"{self.level}: {self.message}"
@@ -31,6 +32,10 @@ class Finding:
 
 def startup_checks(sink: Sink, database: str, allowlist: tuple[str, ...], user: str = "") -> list[Finding]:
     try:
+        schema = sink.schema()
+        if not schema.database_exists:
+            return [Finding("error", missing_database(database) + "; every write is refused with NOT_FOUND until "
+                                                                  "then")]
         tables = sink.query_rows("SELECT name, engine, engine_full FROM system.tables WHERE database = {db:String}",
                                  {"db": database})
         default_window = sink.query_rows(
@@ -42,9 +47,8 @@ def startup_checks(sink: Sink, database: str, allowlist: tuple[str, ...], user: 
     if allowlist:
         for table in allowlist:
             if table not in by_name:
-                findings.append(Finding("error", (
-                    f"table {table!r} in --tables does not exist in database {database!r}: create it, or remove it "
-                    "from --tables; writes to it are refused with NOT_FOUND until then")))
+                findings.append(Finding("error", missing_table(database, table) + " — or remove it from --tables; "
+                                        "writes to it are refused with NOT_FOUND until then"))
     elif not by_name:
         findings.append(Finding("warning", f"database {database!r} has no tables yet: every write is refused with "
                                            "NOT_FOUND until the application's tables exist"))
@@ -78,15 +82,25 @@ def _dedup_finding(database: str, table: str, engine: str, full: str, default: i
 
 def _connection_finding(exc: Exception, database: str, user: str) -> Finding:
     failure = classify(exc)
-    if failure.code == 516:
-        return Finding("error", (
-            f"ClickHouse rejected the credentials of user {user or 'default'!r}: check --clickhouse-user and the "
-            "password (--clickhouse-password-file, INGEST_BUFFER_CLICKHOUSE_PASSWORD or the URL); rows are "
-            "buffered and retried meanwhile"))
+    if failure.code in (192, 193, 194, 195, 516):
+        return Finding("error", bad_credentials(user) + "; rows are buffered and held until it is fixed",
+                       unchecked=True)
     if failure.code == 81:
-        return Finding("error", f"database {database!r} does not exist in ClickHouse: create it or fix --database")
+        return Finding("error", missing_database(database), unchecked=True)
     if failure.code is None:
         return Finding("warning", (
             f"ClickHouse is not reachable ({failure.message[:200]}); rows are accepted up to the buffer's capacity "
-            "and flushed once it answers"), unreachable=True)
-    return Finding("warning", f"could not run the startup checks: {failure.name}: {failure.message[:300]}")
+            "and flushed once it answers"), unchecked=True)
+    return Finding("warning", f"could not run the startup checks: {failure.name}: {failure.message[:300]}",
+                   unchecked=True)
+
+
+def embedded_engine_error(sink: Sink) -> str | None:
+    """Why the embedded engine cannot be opened (its path is locked by another process…), or None."""
+    try:
+        sink.query_rows("SELECT 1")
+        return None
+    except Exception as exc:
+        if error_code(exc) == 81:
+            return None  # the engine opened; the database is missing (a finding of its own)
+        return str(exc)

@@ -41,7 +41,8 @@ def _chdb_missing(what: str) -> bool:
 
 def _serve(args: argparse.Namespace) -> int:
     from buffer import logs
-    from buffer.app import EXIT_CONFIG, App
+    from buffer.app import App
+    from buffer.ledger import EXIT_CONFIG
 
     cfg = _config(args)
     if cfg is None or (cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}")):
@@ -65,29 +66,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Exit 0: valid (and, with --connect, ClickHouse checked with no error); 1: with --connect,
+    ClickHouse could not be checked or a check found an error; 2: invalid settings."""
     cfg = _config(args)
     if cfg is None:
         return 2
     print(json.dumps(cfg.masked(), indent=2))
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}"):
         return 2
     if not args.connect:
         return 0
-    from buffer.checks import startup_checks
+    from buffer.checks import Finding, embedded_engine_error, startup_checks
+    from buffer.errors import clean_message
     from buffer.sink import ClickHouseSink
 
-    sink = ClickHouseSink(cfg)
+    sink = ClickHouseSink(cfg)  # reads only: creates no database, no table
     try:
-        user = cfg.targets()[0].username if not cfg.is_embedded else ""
-        findings = startup_checks(sink, cfg.effective_database(), cfg.tables, user)
+        locked = embedded_engine_error(sink) if cfg.is_embedded else None
+        if locked is not None:
+            findings = [Finding("error", f"cannot open the embedded engine: {clean_message(locked)[:300]} (is a "
+                                         "running ingest-buffer using this path?)", unchecked=True)]
+        else:
+            user = cfg.targets()[0].username if not cfg.is_embedded else ""
+            findings = startup_checks(sink, cfg.effective_database(), cfg.tables, user)
     finally:
         sink.close()
     for f in findings:
         print(f, file=sys.stderr)
     if not findings:
         print("ClickHouse: reachable, tables and deduplication settings look right", file=sys.stderr)
-    # Asked to connect, an unreachable ClickHouse is a failure (serve only warns: it buffers meanwhile).
-    return 1 if any(f.level == "error" or f.unreachable for f in findings) else 0
+    # Asked to connect, a ClickHouse that cannot be checked is a failure (serve only warns: it buffers meanwhile).
+    return 1 if any(f.level == "error" or f.unchecked for f in findings) else 0
 
 
 def _drain(args: argparse.Namespace) -> int:
@@ -181,6 +192,9 @@ def _sql(args: argparse.Namespace) -> int:
                 if cfg.is_embedded and ("EmbeddedServer" in text or "lock" in text.lower()):
                     text += (" — the embedded engine's path is in use: stop the ingest-buffer serving it first "
                              "(chDB lets one process use a path at a time)")
+                elif "UNKNOWN_DATABASE" in text:
+                    text += (f" — create it first: ingest-buffer sql --database default "
+                             f"\"CREATE DATABASE {cfg.effective_database()}\"")
                 print(f"ingest-buffer sql: {text}", file=sys.stderr)
                 return 1
             if isinstance(out, (list, tuple)):

@@ -104,7 +104,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("when_full", "block", "what a write meets when the buffer is full", choices=WHEN_FULL),
     Setting("block_timeout", 5.0, "with when_full=block: the longest a write waits for room", parse_duration),
     Setting("max_request_bytes", 16 * 1024**2, "largest payload one request may carry", parse_size),
-    Setting("flush_max_rows", 100_000, "flush a table's batch once it holds this many rows", parse_int),
+    Setting("flush_max_rows", 100_000, "flush a table's batch once it holds this many rows; also the most one "
+            "insert carries", parse_int),
     Setting("flush_max_bytes", 16 * 1024**2,
             "flush a table's batch once it holds this many bytes; also the most one insert carries", parse_size),
     Setting("flush_interval", 1.0, "flush a table's batch once its oldest row is this old", parse_duration),
@@ -172,6 +173,8 @@ class Config:
     event_loop: str
     log_level: str
     log_format: str
+    # What the operator should hear about at start but that does not stop it (unknown variables).
+    warnings: tuple[str, ...] = ()
 
     @property
     def is_embedded(self) -> bool:
@@ -260,9 +263,23 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
             errors.append(f"{source}: {exc}")
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
-    cfg = Config(**values)
+    cfg = Config(**values, warnings=tuple(unknown_variables(env)))
     _validate(cfg)
     return cfg
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each INGEST_BUFFER_* variable that is no setting (a typo is ignored otherwise)."""
+    import difflib
+
+    known = {s.env for s in SETTINGS} | {ENV_PREFIX + "CONFIG"}
+    out = []
+    for name in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"environment variable {name} is not a setting{hint}; it is ignored. Settings: "
+                   "ingest-buffer serve --help")
+    return out
 
 
 def _coerce(s: Setting, raw: Any) -> Any:

@@ -4,8 +4,8 @@ One JSON object per line and per refused piece: when, table, format, ClickHouse 
 and message, row count, the deduplication token of the batch, and the raw bytes (as text when
 they are UTF-8, else base64) — enough to fix the data and replay it with ``ingest-buffer send``.
 Files rotate at ``max_file_bytes``; when the directory grows past ``max_total_bytes`` the oldest
-file is deleted and its rows are counted and logged as lost, so the store never fills the disk and
-never loses rows silently. Synchronous: it runs in the flusher's worker threads.
+file is deleted and its rows are logged and reported (``write`` returns them, for the ledger), so the
+store never fills the disk and never loses rows silently. Synchronous: it runs in the flusher's worker threads.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class DeadLetter:
 
 
 class DeadLetterStore(Protocol):
-    def write(self, letters: list[DeadLetter]) -> None:
-        """Stores the letters durably or raises."""
+    def write(self, letters: list[DeadLetter]) -> int:
+        """Stores the letters durably or raises; returns the rows of older letters deleted to make room."""
 
 
 class FileDeadLetters:
@@ -48,12 +48,11 @@ class FileDeadLetters:
         self.directory = Path(directory)
         self.max_file_bytes = max_file_bytes
         self.max_total_bytes = max_total_bytes
-        self.lost_rows = 0
         self._lock = threading.Lock()
         self._current: Path | None = None
         self._seq = 0
 
-    def write(self, letters: list[DeadLetter]) -> None:
+    def write(self, letters: list[DeadLetter]) -> int:
         lines = [self._encode(letter) for letter in letters]
         data = b"".join(lines)
         with self._lock:
@@ -63,7 +62,7 @@ class FileDeadLetters:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            self._enforce_total()
+            return self._enforce_total()
 
     @staticmethod
     def _encode(letter: DeadLetter) -> bytes:
@@ -91,9 +90,10 @@ class FileDeadLetters:
             return []
         return sorted(self.directory.glob(f"{self.PREFIX}*.jsonl"), key=lambda p: p.stat().st_mtime)
 
-    def _enforce_total(self) -> None:
+    def _enforce_total(self) -> int:
         files = self.files()
         total = sum(p.stat().st_size for p in files)
+        deleted = 0
         while total > self.max_total_bytes and len(files) > 1:
             oldest = files.pop(0)
             rows = 0
@@ -105,9 +105,10 @@ class FileDeadLetters:
                         continue
             total -= oldest.stat().st_size
             oldest.unlink()
-            self.lost_rows += rows
+            deleted += rows
             log.error("dead-letter store over %d bytes: deleted %s with %d rows; they are lost",
                       self.max_total_bytes, oldest.name, rows, extra={"rows_lost": rows})
+        return deleted
 
 
 TABLE_SCHEMA = """CREATE TABLE {name} (
@@ -132,16 +133,13 @@ class TableDeadLetters:
     file store instead: they are never dropped for want of a table.
     """
 
-    def __init__(self, insert: Callable[[str, str, bytes, str], None], table: str, fallback: FileDeadLetters) -> None:
+    def __init__(self, insert: Callable[[str, str, bytes, str], object], table: str,
+                 fallback: FileDeadLetters) -> None:
         self.insert = insert
         self.table = table
         self.fallback = fallback
 
-    @property
-    def lost_rows(self) -> int:
-        return self.fallback.lost_rows
-
-    def write(self, letters: list[DeadLetter]) -> None:
+    def write(self, letters: list[DeadLetter]) -> int:
         lines = []
         for letter in letters:
             try:
@@ -154,7 +152,8 @@ class TableDeadLetters:
         token = f"dead-letters-{letters[0].token}-{len(letters)}-{sum(len(x.payload) for x in letters)}"
         try:
             self.insert(self.table, "JSONEachRow", "".join(lines).encode(), token)
+            return 0
         except Exception as exc:
             log.error("could not write %d dead letters to table %s (%s); writing them to %s instead",
                       len(letters), self.table, str(exc)[:300], self.fallback.directory)
-            self.fallback.write(letters)
+            return self.fallback.write(letters)

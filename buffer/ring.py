@@ -7,9 +7,9 @@ in one FIFO per (table, format) key. The flusher *takes* a batch from a key; the
 still count against the capacity until the flusher *releases* it, so the rows it holds never
 take more than ``max_bytes`` plus one request, whatever ClickHouse does.
 
-Every entry ends in exactly one of two states, and the counters add up:
-``accepted == committed + failed + outstanding`` where failed entries carry a reason
-(dropped by policy, rejected by ClickHouse, not flushed before exit).
+Every entry ends in exactly one of two states, committed or failed with an
+:class:`~buffer.ledger.Outcome`, and the ring counts both in its :class:`~buffer.ledger.Ledger`:
+``accepted == committed + failed + held`` at every moment.
 
 Single-threaded: every method runs on the event loop. The flusher's insert threads never touch it.
 """
@@ -22,7 +22,12 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from buffer.ledger import Ledger, Outcome, Reason
+from buffer.refusals import BufferClosed, BufferFull
+
+__all__ = ["Barrier", "BufferClosed", "BufferFull", "Entry", "EntryFailed", "Key", "Ring", "State", "WhenFull"]
 
 
 class WhenFull(enum.Enum):
@@ -49,7 +54,7 @@ class Entry:
     seq: int = 0
     accepted_at: float = 0.0
     state: State = State.PENDING
-    reason: str = ""
+    outcome: Outcome | None = None  # why it failed, once FAILED
     committed_rows: int = 0  # of ``rows``, once settled: all of them, none, or (poison rows) some
     # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
     waiter: asyncio.Future[None] | None = None
@@ -68,46 +73,8 @@ class Entry:
         return [(self.payload, self.rows - sum(n for _, n in self.extra)), *self.extra]
 
 
-class BufferFull(Exception):
-    """No room for the request; ``retry_after`` is a hint in seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class BufferClosed(Exception):
-    """The buffer no longer accepts rows (draining)."""
-
-
 class EntryFailed(Exception):
     """Raised into COMMITTED waiters whose rows left the buffer without reaching ClickHouse."""
-
-
-_REASONS = {
-    "dead_lettered": "were refused by ClickHouse and written to the dead-letter store",
-    "rejected_by_clickhouse": "were refused by ClickHouse and could not be written to the dead-letter store",
-    "not_flushed_before_exit": "were not flushed before the drain deadline",
-    "in_doubt_at_exit": "were being inserted when the drain deadline passed",
-    "dropped_oldest": "were dropped to make room for newer rows (when_full=drop_oldest)",
-}
-
-
-def describe(reason: str) -> str:
-    """A failure reason (``kind`` or ``kind:CLICKHOUSE_ERROR``) in words."""
-    kind, _, error = reason.partition(":")
-    return _REASONS.get(kind, kind.replace("_", " ")) + (f" ({error})" if error else "")
-
-
-@dataclass
-class Counters:
-    accepted_rows: int = 0
-    accepted_bytes: int = 0
-    accepted_requests: int = 0
-    committed_rows: int = 0
-    committed_bytes: int = 0
-    # reason → rows
-    failed_rows: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
 
 
 @dataclass(eq=False)
@@ -125,17 +92,29 @@ class Barrier:
         return ok, sum(e.rows for e in settled) - ok
 
 
+_DROPPED = Outcome(Reason.DROPPED_OLDEST)
+_CLOSED = "the buffer is draining and accepts no new rows: this replica is shutting down, send to another one"
+
+
 class Ring:
     def __init__(self, max_bytes: int, max_rows: int, when_full: WhenFull,
-                 clock: Callable[[], float] = time.monotonic, coalesce_bytes: int = 256 * 1024) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, ledger: Ledger | None = None,
+                 batch_rows: int | None = None, batch_bytes: int | None = None,
+                 coalesce_bytes: int = 256 * 1024) -> None:
         self.max_bytes = max_bytes
         self.max_rows = max_rows
         self.when_full = when_full
         self.clock = clock
-        self.coalesce_bytes = coalesce_bytes  # the most try_append lets one entry grow to
+        # The flusher's batch sizes: a key that reaches one wakes it (unset: every arrival does), and
+        # try_append never lets an entry grow past them.
+        self._wake_rows = batch_rows or 1
+        self._wake_bytes = batch_bytes or 1
+        self.batch_rows = batch_rows or max_rows
+        # The most try_append lets one entry grow to.
+        self.coalesce_bytes = min(coalesce_bytes, batch_bytes) if batch_bytes else coalesce_bytes
         self.bytes = 0  # pending + in flight
         self.rows = 0
-        self.counters = Counters()
+        self.ledger = ledger if ledger is not None else Ledger()
         self._seq = 0
         self._queues: dict[Key, collections.deque[Entry]] = {}
         self._queued_rows: dict[Key, int] = collections.defaultdict(int)
@@ -145,9 +124,6 @@ class Ring:
         self._blocked: collections.deque[tuple[Entry, asyncio.Future[None]]] = collections.deque()
         self._barriers: list[Barrier] = []
         self._closed = False
-        # The flusher sets these to its batch sizes.
-        self.wake_rows = 1
-        self.wake_bytes = 1
         # Set when an entry is added that may need the flusher's attention.
         self.arrived = asyncio.Event()
         # Set whenever the buffer becomes empty.
@@ -185,6 +161,7 @@ class Ring:
         tail = queue[-1]
         size = len(payload)
         if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
+                or tail.rows + rows > self.batch_rows
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:
@@ -199,7 +176,7 @@ class Ring:
     def offer(self, entry: Entry) -> None:
         """Adds the entry now or raises BufferFull / BufferClosed. Never waits."""
         if self._closed:
-            raise BufferClosed("the buffer is draining and accepts no new rows")
+            raise BufferClosed(_CLOSED)
         if entry.size > self.max_bytes or entry.rows > self.max_rows:
             raise ValueError("entry larger than the whole buffer")
         if self.try_admit(entry):
@@ -216,7 +193,7 @@ class Ring:
             self.offer(entry)
             return
         if self._closed:
-            raise BufferClosed("the buffer is draining and accepts no new rows")
+            raise BufferClosed(_CLOSED)
         if self.try_admit(entry):
             return
         # Waiters are admitted strictly in arrival order so a large request is not starved.
@@ -268,13 +245,13 @@ class Ring:
         queued_bytes = self._queued_bytes[key] = self._queued_bytes[key] + size
         self.bytes += size
         self.rows += rows
-        c = self.counters
+        c = self.ledger
         c.accepted_rows += rows
         c.accepted_bytes += size
         c.accepted_requests += 1
         # Wake the flusher only when it has something new to decide: a key that was empty (its age
         # timer starts) or a key that reached a flush size. Waking it per request costs throughput.
-        if new_key or queued_rows >= self.wake_rows or queued_bytes >= self.wake_bytes:
+        if new_key or queued_rows >= self._wake_rows or queued_bytes >= self._wake_bytes:
             self.arrived.set()
 
     def _admit_blocked(self) -> None:
@@ -297,7 +274,7 @@ class Ring:
             queue = self._queues[victim.key]
             queue.popleft()
             self._dequeued(victim)
-            self._finish(victim, State.FAILED, "dropped_oldest")
+            self._finish(victim, _DROPPED)
 
     def _oldest_pending(self) -> Entry | None:
         best: Entry | None = None
@@ -312,7 +289,8 @@ class Ring:
         while self._blocked:
             _, fut = self._blocked.popleft()
             if not fut.done():
-                fut.set_exception(BufferClosed("the buffer started draining while this write waited for room"))
+                fut.set_exception(BufferClosed("the buffer started draining while this write waited for room: "
+                                               "this replica is shutting down, send to another one"))
 
     @property
     def closed(self) -> bool:
@@ -354,27 +332,27 @@ class Ring:
             del self._queued_rows[entry.key]
             del self._queued_bytes[entry.key]
 
-    def release(self, batch: Iterable[Entry], committed: bool, reason: str = "") -> None:
-        """The flusher is done with a batch: committed to ClickHouse, or failed for ``reason``."""
+    def release(self, batch: Iterable[Entry], outcome: Outcome | None = None) -> None:
+        """The flusher is done with a batch: committed to ClickHouse (no outcome), or failed."""
         for entry in batch:
-            self._finish(entry, State.COMMITTED if committed else State.FAILED, reason)
+            self._finish(entry, outcome)
         self._after_release()
 
-    def settle(self, outcomes: Iterable[tuple[Entry, int, dict[str, int], str]]) -> None:
-        """Per-entry outcomes of a batch: (entry, rows committed, {reason: rows} for the others, detail).
+    def settle(self, outcomes: Iterable[tuple[Entry, int, dict[Outcome, int], str]]) -> None:
+        """Per-entry outcomes of a batch: (entry, rows committed, {outcome: rows} for the others, detail).
 
-        The entry's own ``reason`` is the one covering most of its failed rows; the counters get
-        every reason's rows.
+        The entry's own outcome is the one covering most of its failed rows; the ledger gets every
+        outcome's rows.
         """
         for entry, committed_rows, failed, detail in outcomes:
             if committed_rows >= entry.rows:
-                self._finish(entry, State.COMMITTED, "")
+                self._finish(entry, None)
             else:
-                reason = max(failed, key=lambda r: failed[r]) if failed else "unknown"
-                self._finish(entry, State.FAILED, reason, committed_rows, detail, failed)
+                main = max(failed, key=lambda o: failed[o]) if failed else Outcome(Reason.INTERNAL_ERROR)
+                self._finish(entry, main, committed_rows, detail, failed)
         self._after_release()
 
-    def fail_outstanding(self, reason: str) -> int:
+    def fail_outstanding(self, outcome: Outcome) -> int:
         """Marks every remaining entry failed (at exit); returns the rows affected."""
         self._queues.clear()
         self._queued_rows.clear()
@@ -382,38 +360,39 @@ class Ring:
         rows = 0
         for entry in list(self._outstanding.values()):
             rows += entry.rows
-            self._finish(entry, State.FAILED, reason)
+            self._finish(entry, outcome)
         self._after_release()
         return rows
 
-    def _finish(self, entry: Entry, state: State, reason: str, committed_rows: int = 0, detail: str = "",
-                breakdown: dict[str, int] | None = None) -> None:
+    def _finish(self, entry: Entry, outcome: Outcome | None, committed_rows: int = 0, detail: str = "",
+                breakdown: dict[Outcome, int] | None = None) -> None:
+        """Settles one entry: committed when ``outcome`` is None, else failed (``committed_rows`` of it
+        excepted, and ``breakdown`` saying which outcome each other row had)."""
         if entry.state in (State.COMMITTED, State.FAILED):
             return
-        entry.state = state
-        entry.reason = reason
-        entry.committed_rows = entry.rows if state is State.COMMITTED else committed_rows
+        entry.state = State.COMMITTED if outcome is None else State.FAILED
+        entry.outcome = outcome
+        entry.committed_rows = entry.rows if outcome is None else committed_rows
         del self._outstanding[entry.seq]
         self.bytes -= entry.size
         self.rows -= entry.rows
-        c = self.counters
-        c.committed_rows += entry.committed_rows
-        if state is State.COMMITTED:
-            c.committed_bytes += entry.size
+        ledger = self.ledger
+        if outcome is None:
+            ledger.commit(entry.rows, entry.size)
         else:
+            ledger.committed_rows += entry.committed_rows
             failed = entry.rows - entry.committed_rows
             for why, n in (breakdown or {}).items():
-                c.failed_rows[why] += n
+                ledger.fail(why, n)
                 failed -= n
-            if failed:
-                c.failed_rows[reason] += failed
+            ledger.fail(outcome, failed)
         if entry.waiter is not None and not entry.waiter.done():
-            if state is State.COMMITTED:
+            if outcome is None:
                 entry.waiter.set_result(None)
             else:
                 failed = entry.rows - entry.committed_rows
                 entry.waiter.set_exception(EntryFailed(
-                    f"{failed} of {entry.rows} rows {describe(reason)}" + (f": {detail}" if detail else "")))
+                    f"{failed} of {entry.rows} rows {outcome.describe()}" + (f": {detail}" if detail else "")))
                 # A client that stopped waiting must not turn this into an "exception never
                 # retrieved" log line; one still awaiting gets the exception all the same.
                 entry.waiter.exception()

@@ -26,10 +26,9 @@ from typing import BinaryIO
 
 import grpc
 
-from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
-from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
-from buffer.framing import FORMATS
-from buffer.service import ACCEPTED_MESSAGES_KEY, RETRY_AFTER_KEY
+from buffer.api import ACCEPTED_MESSAGES_KEY, FORMATS, RETRY_AFTER_KEY
+from buffer.api import ingest_pb2 as pb
+from buffer.api import ingest_pb2_grpc as pb_grpc
 
 STREAM_BYTES = 64 * 1024 * 1024
 RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})

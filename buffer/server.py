@@ -1,4 +1,9 @@
-"""The gRPC listener as a routine: ingest service, standard health service, server reflection."""
+"""The gRPC listener as a routine: ingest service, standard health service, server reflection.
+
+It follows the lifecycle: once bound it turns the enabled flag on, at the first drain signal health
+goes NOT_SERVING for good, and its stop waits for the refusal point (the linger, the propagation
+delay), then lets calls in progress finish within part of what is left of the deadline.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +12,49 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from buffer.api import SERVICE_NAME
 from buffer.config import parse_listen
+from buffer.lifecycle import Lifecycle
 from buffer.routines import Routine
-from buffer.service import SERVICE_NAME, IngestService
+from buffer.service import IngestService
 
 log = logging.getLogger(__name__)
+
+
+# The largest message protobuf can hold.
+MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 class GrpcServer(Routine):
     name = "grpc"
 
-    def __init__(self, address: str, service: IngestService, health: HealthServicer, *,
-                 max_message_bytes: int, before_stop: Callable[[], Awaitable[None]],
-                 grace: Callable[[], float], stop_budget: Callable[[], float]) -> None:
+    def __init__(self, address: str, service: IngestService, lifecycle: Lifecycle) -> None:
         self.address = address
         self.service = service
-        self.health = health
-        self.max_message_bytes = max_message_bytes
-        self.before_stop = before_stop  # waits until the buffer refuses new rows (linger, delay)
-        self.grace = grace  # seconds in-flight calls get to finish at stop
-        self._stop_budget = stop_budget
+        self.lifecycle = lifecycle
+        self.health = health_aio.HealthServicer()
         self.bound = ""
         self._server: aio.Server | None = None
         self._stopped = asyncio.Event()
 
     def stop_budget(self) -> float | None:
-        return self._stop_budget()
+        return self.lifecycle.remaining() + 2.0
+
+    def grace(self) -> float:
+        """Seconds calls in progress (a COMMITTED write waiting for its flush) get at stop."""
+        return min(5.0, self.lifecycle.remaining() / 2)
 
     async def start(self) -> None:
         server = aio.server(options=[
-            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # gRPC's own limit would answer RESOURCE_EXHAUSTED, which clients retry; every message
+            # reaches the checks instead, which refuse one over --max-request-bytes as INVALID_ARGUMENT.
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ])
@@ -75,13 +86,24 @@ class GrpcServer(Routine):
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC listening on %s", self.bound, extra={"grpc_listen": self.bound})
+        self.lifecycle.serve()
 
     async def run(self) -> None:
-        await self._stopped.wait()
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        draining = asyncio.ensure_future(self.lifecycle.draining.wait())
+        try:
+            await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
+            if draining.done():
+                await self.health.enter_graceful_shutdown()  # NOT_SERVING from now on
+            await stopped
+        finally:
+            draining.cancel()
+            stopped.cancel()
 
     async def stop(self) -> None:
         try:
-            await self.before_stop()
+            self.lifecycle.shutdown()  # refuses now, unless a linger or delay is already under way
+            await self.lifecycle.refusing.wait()
             if self._server is not None:
                 await self._server.stop(self.grace())
         finally:

@@ -1,9 +1,12 @@
-"""The gRPC ingest service: checks each request, puts it in the ring, answers at its ack level."""
+"""The gRPC ingest service: checks each request, puts it in the ring, answers at its ack level.
+
+Validation, the catalog and the ring raise :mod:`buffer.refusals`; ``STATUS`` below is the one
+place that turns them into gRPC status codes and trailing metadata.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,16 +14,24 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
+from buffer.api import ACCEPTED_MESSAGES_KEY, RETRY_AFTER_KEY
+from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
-from buffer.framing import RequestError, check_request
-from buffer.ring import BufferClosed, BufferFull, Entry, EntryFailed, Ring
+from buffer.framing import check_request, refuse_header
+from buffer.ledger import Ledger
+from buffer.refusals import BufferClosed, BufferFull, CommitFailed, InvalidRequest, Refusal, UnknownTable, Unsupported
+from buffer.ring import Entry, EntryFailed, Ring
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
-RETRY_AFTER_KEY = "retry-after-ms"
-ACCEPTED_MESSAGES_KEY = "accepted-messages"
+STATUS: dict[type[Refusal], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownTable: grpc.StatusCode.NOT_FOUND,
+    BufferFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BufferClosed: grpc.StatusCode.UNAVAILABLE,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    CommitFailed: grpc.StatusCode.ABORTED,
+}
 _COMMITTED = pb.ACK_LEVEL_COMMITTED
 
 
@@ -29,95 +40,74 @@ def _parse(message_type: Any, raw: bytes) -> Any:
     try:
         return message_type.FromString(raw)
     except Exception as exc:  # protobuf raises DecodeError, and on some inputs others
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc}): "
-                           "build it with stubs generated from ingestbuffer/v1/ingest.proto",
-                           "malformed_message") from None
+        raise InvalidRequest(f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({exc}): "
+                             "build it with stubs generated from ingestbuffer/v1/ingest.proto",
+                             "malformed_message") from None
+
+
+def _ack_level(raw: int) -> pb.AckLevel:
+    if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
+        return pb.ACK_LEVEL_BUFFERED
+    if raw == pb.ACK_LEVEL_COMMITTED:
+        return pb.ACK_LEVEL_COMMITTED
+    if raw == pb.ACK_LEVEL_DURABLE:
+        raise Unsupported("ack_level DURABLE needs the write-ahead log, which this build does not have: use "
+                          "ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "ack_unimplemented")
+    raise InvalidRequest(f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "bad_ack_level")
 
 
 class IngestService:
     def __init__(self, ring: Ring, catalog: TableCatalog, *, max_request_bytes: int,
                  block_timeout: float, on_barrier: Any = None, dead_letters: str = "") -> None:
         self.ring = ring
+        self.ledger: Ledger = ring.ledger
         self.catalog = catalog
         self.max_request_bytes = max_request_bytes
         self.block_timeout = block_timeout
         self.on_barrier = on_barrier  # called when a Flush starts, to wake the flusher
         self.dead_letters = dead_letters  # where refused rows go, for error messages
-        self.received_rows = 0
-        self.received_bytes = 0
-        self.received_requests = 0
-        # reason → (requests, bytes)
-        self.rejected: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
     # ----- shared path ----------------------------------------------------------------------
 
     async def _accept(self, req: Any, ack: pb.AckLevel,
                       context: aio.ServicerContext[Any, Any]) -> tuple[int, int, Entry | None]:
-        """Checks and buffers one request; raises RequestError for anything the client must fix.
+        """Checks and buffers one request; raises a Refusal for anything the client must fix.
 
         Returns (rows, bytes, the entry to wait on for a COMMITTED ack or None).
         """
         payload: bytes = req.rows
         table: str = req.table
-        self.received_requests += 1
-        self.received_bytes += len(payload)
-        try:
-            fmt, rows, lines = check_request(table, req.format, payload, req.row_count, self.max_request_bytes,
-                                             self.ring.max_rows)
-            self.received_rows += rows
-            if not self.catalog.allows(table):
-                await self.catalog.check(table)
-            key = (table, fmt)
-            committed = ack == _COMMITTED
-            # The common cases, with room: joined to the newest entry of its table (small writes
-            # in a row), or a new entry; no waiting to set up.
-            if not committed and lines and self.ring.try_append(key, payload, rows):
-                return rows, len(payload), None
-            entry = Entry(key, payload, rows)
-            if committed:
-                entry.waiter = asyncio.get_running_loop().create_future()
-            if not self.ring.try_admit(entry):
-                timeout = self.block_timeout
-                remaining = context.time_remaining()
-                if remaining is not None:
-                    timeout = min(timeout, max(0.0, remaining - 0.05))
-                await self.ring.put(entry, timeout)
-            return entry.rows, entry.size, entry if committed else None
-        except BufferFull as exc:
-            err = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{exc}; retry after {exc.retry_after:g}s", "buffer_full",
-                               ((RETRY_AFTER_KEY, str(int(exc.retry_after * 1000))),))
-        except BufferClosed as exc:
-            err = RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"{exc}: this replica is shutting down, send to another one", "draining")
-        except RequestError as exc:
-            err = exc
-        self._count(err, len(payload))
-        raise err
-
-    def _count(self, err: RequestError, size: int) -> None:
-        if not err.counted and err.reason != "commit_failed":  # accepted rows that failed later are not refusals
-            self.rejected[err.reason][0] += 1
-            self.rejected[err.reason][1] += size
-            err.counted = True
-
-    @staticmethod
-    def _ack_level(raw: int) -> pb.AckLevel:
-        if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
-            return pb.ACK_LEVEL_BUFFERED
-        if raw == pb.ACK_LEVEL_COMMITTED:
-            return pb.ACK_LEVEL_COMMITTED
-        if raw == pb.ACK_LEVEL_DURABLE:
-            raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                               "ack_level DURABLE needs the write-ahead log, which this build does not have: "
-                               "use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "ack_unimplemented")
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED",
-                           "bad_ack_level")
+        ledger = self.ledger
+        ledger.received_requests += 1
+        ledger.received_bytes += len(payload)
+        fmt, rows, lines = check_request(table, req.format, payload, req.row_count, self.max_request_bytes,
+                                         self.ring.max_rows)
+        ledger.received_rows += rows
+        if not self.catalog.allows(table):
+            await self.catalog.check(table)
+        if fmt in ("CSV", "TabSeparated"):
+            columns = self.catalog.columns(table)
+            if columns:
+                refuse_header(fmt, payload, columns)
+        key = (table, fmt)
+        committed = ack == _COMMITTED
+        # The common cases, with room: joined to the newest entry of its table (small writes
+        # in a row), or a new entry; no waiting to set up.
+        if not committed and lines and self.ring.try_append(key, payload, rows):
+            return rows, len(payload), None
+        entry = Entry(key, payload, rows)
+        if committed:
+            entry.waiter = asyncio.get_running_loop().create_future()
+        if not self.ring.try_admit(entry):
+            timeout = self.block_timeout
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, max(0.0, remaining - 0.05))
+            await self.ring.put(entry, timeout)
+        return entry.rows, entry.size, entry if committed else None
 
     async def _committed(self, entries: list[Entry]) -> None:
-        """Waits until ClickHouse took every entry; raises RequestError(ABORTED) if any failed."""
+        """Waits until ClickHouse took every entry; raises CommitFailed if any failed."""
         failed: list[str] = []
         for entry in entries:
             assert entry.waiter is not None
@@ -127,29 +117,35 @@ class IngestService:
                 failed.append(str(exc))
         if failed:
             more = f" (and {len(failed) - 3} more requests)" if len(failed) > 3 else ""
-            raise RequestError(grpc.StatusCode.ABORTED,
-                               "rows were accepted but did not all reach ClickHouse: " + "; ".join(failed[:3]) + more
+            raise CommitFailed("rows were accepted but did not all reach ClickHouse: " + "; ".join(failed[:3]) + more
                                + f". Dead-lettered rows, with ClickHouse's error, are in {self.dead_letters}",
                                "commit_failed")
 
-    async def _abort(self, context: aio.ServicerContext[Any, Any], err: RequestError) -> None:
-        self._count(err, 0)  # refusals found before _accept: a malformed message, an unknown ack level
-        if err.trailers:
-            context.set_trailing_metadata(err.trailers)
-        await context.abort(err.code, err.message)
+    async def _refuse(self, context: aio.ServicerContext[Any, Any], refusal: Refusal,
+                      trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Ends the call with the refusal's status. The caller returns an empty reply after it: gRPC
+        sends the status, not the reply, whether or not ``abort`` raises."""
+        if isinstance(refusal, BufferFull):
+            trailers += ((RETRY_AFTER_KEY, str(int(refusal.retry_after * 1000))),)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(STATUS[type(refusal)], refusal.message)
 
     # ----- RPCs -----------------------------------------------------------------------------
 
     async def Write(self, raw: bytes, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         try:
             request = _parse(pb.WriteRequest, raw)
-            ack = self._ack_level(request.ack_level)
+            ack = _ack_level(request.ack_level)
             rows, size, entry = await self._accept(request, ack, context)
             if entry is not None:
                 await self._committed([entry])
-        except RequestError as err:
-            await self._abort(context, err)
-        return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
+            return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
+        except Refusal as refusal:
+            if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
+                self.ledger.refuse(refusal.reason, len(raw))
+            await self._refuse(context, refusal)
+            return pb.WriteResponse()
 
     async def WriteStream(self, request_iterator: AsyncIterator[bytes],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:
@@ -161,11 +157,12 @@ class IngestService:
                 try:
                     request = _parse(pb.WriteStreamRequest, raw)
                     if messages == 0:
-                        ack = self._ack_level(request.ack_level)
+                        ack = _ack_level(request.ack_level)
                     n, nbytes, entry = await self._accept(request, ack, context)
-                except RequestError as err:
-                    err.message = (f"message {messages + 1} of the stream: {err.message} "
-                                   f"(the {messages} messages before it, {rows} rows, were accepted)")
+                except Refusal as refusal:
+                    self.ledger.refuse(refusal.reason, len(raw))
+                    refusal.message = (f"message {messages + 1} of the stream: {refusal.message} "
+                                       f"(the {messages} messages before it, {rows} rows, were accepted)")
                     raise
                 messages += 1
                 rows += n
@@ -174,10 +171,10 @@ class IngestService:
                     waiting.append(entry)
             if waiting:
                 await self._committed(waiting)
-        except RequestError as err:
-            err.trailers += ((ACCEPTED_MESSAGES_KEY, str(messages)),)
-            await self._abort(context, err)
-        return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
+            return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
+        except Refusal as refusal:
+            await self._refuse(context, refusal, ((ACCEPTED_MESSAGES_KEY, str(messages)),))
+            return pb.WriteStreamResponse()
 
     async def Flush(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
         barrier = self.ring.barrier()

@@ -9,13 +9,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from buffer.config import ClickHouseTarget, Config
-from buffer.errors import error_code
+from buffer.errors import error_code, quote_identifier
+
+__all__ = ["ClickHouseSink", "Payload", "Schema", "Sink", "SinkUnavailable", "quote_identifier"]
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_DATABASE = 81
 FILE_CHUNK = 64 * 1024  # requests smaller than this go to chDB's input file in joined runs
 
 CHDB_MISSING = (
@@ -32,22 +36,28 @@ class SinkUnavailable(RuntimeError):
 Payload = bytes | Sequence[bytes]
 
 
-class Sink(Protocol):
-    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> None:
-        """Inserts the payload (its parts concatenated); raises on failure. ``token`` deduplicates retries."""
+@dataclass(frozen=True)
+class Schema:
+    """What ClickHouse holds in the configured database: whether it exists, its tables and columns."""
 
-    def tables(self) -> set[str]:
-        """Names of the tables in the configured database."""
+    database_exists: bool
+    columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → column names
+
+
+class Sink(Protocol):
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
+        """Inserts the payload (its parts concatenated); raises on failure. ``token`` deduplicates retries.
+
+        Returns the rows ClickHouse reported written, or None when it does not say.
+        """
+
+    def schema(self) -> Schema:
+        """The configured database's tables and their columns."""
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """Runs a read-only query (startup checks)."""
 
     def close(self) -> None: ...
-
-
-def quote_identifier(name: str) -> str:
-    """Backtick-quotes an identifier, so a client string can never become SQL."""
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 class Endpoint:
@@ -149,8 +159,7 @@ class ClickHouseSink:
                 raise SinkUnavailable(CHDB_MISSING) from None
             dsn = "chdb://" + (t.embedded_path if t.embedded_path != ":memory:" else "memory")
             client = clickhouse_connect.get_client(dsn=dsn)
-            if self.database != "default":
-                client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(self.database)}")
+            # Never creates the database: a typo in --database must show as a missing database.
             client.database = self.database
             return client
         return clickhouse_connect.get_client(
@@ -159,7 +168,7 @@ class ClickHouseSink:
             autogenerate_session_id=False, ca_cert=self.ca_file, verify=True, compress=False,
         )
 
-    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> None:
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
         parts = [payload] if isinstance(payload, bytes) else payload
         compression = None if self.embedded else self.compression
         if self.embedded:
@@ -173,13 +182,26 @@ class ClickHouseSink:
 
             def body() -> Any:
                 return data
-        self._call(lambda client: client.raw_insert(
+        summary = self._call(lambda client: client.raw_insert(
             f"{quote_identifier(self.database)}.{quote_identifier(table)}", None, body(),
             settings={"insert_deduplication_token": token, **self.insert_settings}, fmt=fmt, compression=compression))
+        written = getattr(summary, "summary", {}).get("written_rows")
+        return int(written) if written not in (None, "") else None
 
-    def tables(self) -> set[str]:
-        rows = self.query_rows("SELECT name FROM system.tables WHERE database = {db:String}", {"db": self.database})
-        return {row[0] for row in rows}
+    def schema(self) -> Schema:
+        params = {"db": self.database}
+        try:
+            tables = self.query_rows("SELECT name FROM system.tables WHERE database = {db:String}", params)
+            rows = self.query_rows("SELECT table, name FROM system.columns WHERE database = {db:String} "
+                                   "ORDER BY table, position", params)
+        except Exception as exc:
+            if error_code(exc) == UNKNOWN_DATABASE:  # every query names the database, so this one says it
+                return Schema(False)
+            raise
+        columns: dict[str, list[str]] = {str(name): [] for name, in tables}
+        for table, column in rows:
+            columns.setdefault(str(table), []).append(str(column))
+        return Schema(True, {t: tuple(c) for t, c in columns.items()})
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         result = self._call(lambda client: client.query(sql, parameters=parameters))

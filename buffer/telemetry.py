@@ -2,7 +2,10 @@
 
 Metrics are read from the counters the buffer keeps anyway (observable instruments), so the hot
 path pays nothing for them; only per-batch figures (flush duration, batch size) are recorded as
-they happen. Prometheus text is served on ``/metrics``; OTLP export starts when the standard
+they happen. The buffer's state lives on the event loop, and an exporter may collect from its own
+thread (OTLP does), so the readings are taken on the loop — before each ``/metrics`` answer and
+once a second by the ``metrics-snapshot`` routine — and the instruments' callbacks only hand out
+the latest snapshot. Prometheus text is served on ``/metrics``; OTLP export starts when the standard
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` /
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) variables are set.
 """
@@ -52,6 +55,9 @@ class Telemetry:
             self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             log.info("exporting traces over OTLP")
         self.tracer = self.tracer_provider.get_tracer("ingest_buffer")
+        self._readings: dict[str, Reading] = {}
+        # name → observations; replaced whole (one reference assignment) by snapshot(), on the loop.
+        self._snapshot: dict[str, list[Observation]] = {}
         seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
         self.flush_duration = self.meter.create_histogram(
             "ingest_buffer_flush_duration", unit="s", description="time to insert one batch, retries included",
@@ -68,19 +74,24 @@ class Telemetry:
 
     def observe(self, name: str, description: str, reading: Reading, *, unit: str = "1",
                 kind: str = "counter") -> None:
-        """Registers an instrument whose value is read from the buffer's own counters on collection."""
+        """Registers an instrument whose value is read from the buffer's own counters (see snapshot)."""
+        self._readings[name] = reading
 
         def callback(_options: CallbackOptions) -> Iterable[Observation]:
-            try:
-                return [Observation(value, attrs) for value, attrs in reading()]
-            except RuntimeError:  # a dict changed size while another thread collected; skip once
-                return []
+            return self._snapshot.get(name, [])
 
         create: Any = (self.meter.create_observable_counter if kind == "counter"
                        else self.meter.create_observable_gauge)
         create(name, callbacks=[callback], unit=unit, description=description)
 
+    def snapshot(self) -> None:
+        """Reads every registered value. Call it on the event loop, which owns what it reads."""
+        self._snapshot = {name: [Observation(value, attrs) for value, attrs in reading()]
+                          for name, reading in self._readings.items()}
+
     def prometheus_text(self) -> bytes:
+        """The metrics as Prometheus text, read fresh (call on the event loop)."""
+        self.snapshot()
         data: bytes = generate_latest(self.registry)
         return data
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from buffer.sink import Payload
+from buffer.sink import Payload, Schema
 
 
 class FakeClock:
@@ -38,9 +38,10 @@ class MemorySink:
     table_names: set[str] = field(default_factory=set)
     gate: threading.Event | None = None  # when set, inserts wait for it
     on_insert: Callable[[Insert], None] | None = None
+    written: Callable[[Insert], int] | None = None  # the rows ClickHouse reports written (None: it does not say)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> None:
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
         item = Insert(table, fmt, payload if isinstance(payload, bytes) else b"".join(payload), token)
         if self.gate is not None:
             self.gate.wait(10)
@@ -51,9 +52,10 @@ class MemorySink:
             self.inserts.append(item)
         if self.on_insert is not None:
             self.on_insert(item)
+        return None if self.written is None else self.written(item)
 
-    def tables(self) -> set[str]:
-        return set(self.table_names)
+    def schema(self) -> Schema:
+        return Schema(True, {t: () for t in self.table_names})
 
     def query_rows(self, sql: str, parameters: dict[str, object] | None = None) -> list[tuple[object, ...]]:
         return []

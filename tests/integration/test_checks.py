@@ -31,7 +31,15 @@ def test_a_well_set_table_passes(clickhouse: ClickHouse) -> None:
 def test_missing_allowlisted_table_is_an_error(clickhouse: ClickHouse) -> None:
     clickhouse.create("good")
     (finding,) = checks(clickhouse, "good,absent")
-    assert finding.startswith("error:") and "'absent' in --tables does not exist" in finding
+    assert finding.startswith("error:") and "table 'absent' does not exist in database" in finding
+    assert "remove it from --tables" in finding
+
+
+@pytest.mark.parametrize("tables", ["", "events"])
+def test_a_missing_database_is_an_error_with_or_without_an_allowlist(clickhouse: ClickHouse, tables: str) -> None:
+    (finding,) = checks(clickhouse, tables, database="no_such_db")
+    assert finding == ("error: database 'no_such_db' does not exist in ClickHouse: create it (CREATE DATABASE "
+                       "`no_such_db`) or fix --database; every write is refused with NOT_FOUND until then")
 
 
 def test_zero_dedup_window_warns_with_the_alter_that_fixes_it(clickhouse: ClickHouse) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
+from buffer.ledger import Fate
 from tests.conftest import ClickHouse, HttpEndpoint, open_clickhouse
 from tests.faultproxy import FaultProxy
 
@@ -137,8 +138,8 @@ async def test_outage_under_load_fills_buffer_keeps_ready_and_recovers_within_2s
     assert ready_seen == {True}, "readiness never followed ClickHouse"
     proxy.set("pass")
     t_recover = time.monotonic()
-    committed_before = buf.app.ring.counters.committed_rows
-    await until(lambda: buf.app.ring.counters.committed_rows > committed_before)
+    committed_before = buf.app.ledger.committed_rows
+    await until(lambda: buf.app.ledger.committed_rows > committed_before)
     resumed = time.monotonic() - t_recover
     assert resumed < 2.0, f"flushing resumed {resumed:.2f}s after recovery"
     await write_for(0.3)
@@ -202,7 +203,7 @@ async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
     buf, data = await refusing_buffer(clickhouse, proxy, start_buffer, tmp_path)
     code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
                                         "--chunk-bytes", "4096", "--retry-for", "1", "--progress", "off")
-    accepted = buf.app.ring.counters.accepted_rows
+    accepted = buf.app.ledger.accepted_rows
     assert code == 1 and summary is None
     assert "giving up" in err and f"the buffer accepted {accepted:,} rows" in err and "RESOURCE_EXHAUSTED" in err
     assert 0 < accepted < 20_000
@@ -301,5 +302,5 @@ async def test_poison_rows_through_the_http_path(clickhouse: ClickHouse, start_b
         await stub.Write(pb.WriteRequest(table="t", format=J, rows=rows))
     done = await stub.Flush(pb.FlushRequest())
     assert (done.rows_committed, done.rows_failed) == (996, 4)
-    assert buf.app.flusher.dead_lettered_rows == 4
-    report("poison rows (4 in 1000)", clickhouse, 1000, dead_lettered=buf.app.flusher.dead_lettered_rows)
+    assert buf.app.ledger.rows_by(Fate.KEPT) == 4
+    report("poison rows (4 in 1000)", clickhouse, 1000, dead_lettered=buf.app.ledger.rows_by(Fate.KEPT))

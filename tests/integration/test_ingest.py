@@ -130,7 +130,12 @@ BAD = [
     ({"format": 42}, grpc.StatusCode.INVALID_ARGUMENT, "format is unknown"),
     ({"rows": b""}, grpc.StatusCode.INVALID_ARGUMENT, "rows is empty"),
     ({"rows": b'{"id":1}\n{"id":'}, grpc.StatusCode.INVALID_ARGUMENT, "looks truncated"),
-    ({"rows": b"x" * 2000 + b"\n"}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 1024 bytes"),
+    ({"rows": b"x" * 2000 + b"\n"}, grpc.StatusCode.INVALID_ARGUMENT, "limit of 1024 bytes per request"),
+    # Far over gRPC's own default limit (4 MiB): still our precise refusal, never a retryable RESOURCE_EXHAUSTED.
+    ({"rows": b"x" * (40 * 1024**2) + b"\n"}, grpc.StatusCode.INVALID_ARGUMENT, "(--max-request-bytes)"),
+    ({"rows": b'[{"id":1,"s":"a"},{"id":2,"s":"b"}]\n'}, grpc.StatusCode.INVALID_ARGUMENT,
+     "is a JSON array: send its objects, one per line"),
+    ({"rows": b'{\n  "id": 1,\n  "s": "a"\n}\n'}, grpc.StatusCode.INVALID_ARGUMENT, "spread over several lines"),
     ({"format": pb.FORMAT_ROW_BINARY, "rows": b"\x01"}, grpc.StatusCode.INVALID_ARGUMENT, "row_count is required"),
     ({"table": "missing"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
     ({"ack_level": pb.ACK_LEVEL_DURABLE}, grpc.StatusCode.UNIMPLEMENTED, "write-ahead log"),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from buffer.app import App
 from buffer.config import SETTINGS, load
+from buffer.inserter import Held
+from buffer.ledger import Outcome, Reason
 from tests.fakes import MemorySink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +36,12 @@ def test_every_setting_is_documented() -> None:
 def test_documented_metrics_exist() -> None:
     async def exported() -> set[str]:
         app = App(load({"tables": "t"}, env={}), sink=MemorySink(), signals=())
-        svc, ring, fl = app.service, app.ring, app.flusher
-        svc.rejected["truncated"][0] += 1
-        ring.counters.failed_rows["dropped_oldest"] += 1
-        ring.counters.failed_rows["dead_lettered:CANNOT_PARSE_TEXT"] += 1
+        ledger, fl = app.ledger, app.flusher
+        ledger.refuse("truncated", 10)
+        ledger.fail(Outcome(Reason.DROPPED_OLDEST), 1)
+        ledger.fail(Outcome(Reason.DEAD_LETTERED, "CANNOT_PARSE_TEXT"), 1)
         fl.stats.errors["NETWORK"] = 1
+        fl.held["t"] = Held("t", "UNKNOWN_TABLE", "create it", 0.0)
         for h in (app.telemetry.flush_duration, app.telemetry.batch_rows, app.telemetry.batch_bytes,
                   app.telemetry.drain_duration):
             h.record(1)

@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import pytest
 
-from buffer.errors import PERMANENT, RETRYABLE, UNKNOWN_CODE_ATTEMPTS, classify
+from buffer.errors import HOLD, PERMANENT, RETRYABLE, UNKNOWN_CODE_ATTEMPTS, Kind, classify, held_advice
 from tests.fakes import ClickHouseError
 
 
 def test_tables_do_not_overlap() -> None:
     assert not set(RETRYABLE) & set(PERMANENT)
+    assert not set(HOLD) & (set(RETRYABLE) | set(PERMANENT))
 
 
-@pytest.mark.parametrize("code", [252, 241, 202, 159, 164, 242, 209, 210, 3])
+@pytest.mark.parametrize("code", [252, 241, 202, 159, 209, 210, 3])
 def test_server_pressure_and_transport_codes_are_retried(code: int) -> None:
     f = classify(ClickHouseError(code, "X"))
     assert f.retryable and f.code == code and f.name == RETRYABLE[code]
 
 
-@pytest.mark.parametrize("code", [27, 26, 6, 53, 16, 60, 117, 33])
+@pytest.mark.parametrize("code", [27, 26, 6, 53, 16, 117, 33])
 def test_data_errors_are_permanent(code: int) -> None:
     f = classify(ClickHouseError(code, "X"))
-    assert not f.retryable and f.name == PERMANENT[code]
+    assert not f.retryable and f.kind is Kind.POISON and f.name == PERMANENT[code]
+
+
+@pytest.mark.parametrize(("code", "advice"), [
+    (60, "table 'events' does not exist in database 'app': create it first"),
+    (81, "database 'app' does not exist in ClickHouse: create it (CREATE DATABASE `app`) or fix --database"),
+    (497, "user 'writer' may not insert into app.events: GRANT INSERT ON `app`.`events` TO `writer`"),
+    (516, "ClickHouse rejected the credentials of user 'writer'"),
+    (164, "user 'writer' is read-only"),
+    (242, "ClickHouse refuses inserts into app.events (TABLE_IS_READ_ONLY)"),
+])
+def test_errors_that_refuse_the_whole_batch_hold_it_with_advice(code: int, advice: str) -> None:
+    f = classify(ClickHouseError(code, "X"), attempt=100)
+    assert f.kind is Kind.HOLD and f.retryable and f.name == HOLD[code], "never poison, however often it fails"
+    assert held_advice(f, "app", "events", "writer").startswith(advice)
 
 
 @pytest.mark.parametrize("exc", [ConnectionRefusedError("refused"), TimeoutError("timed out"), OSError("reset")])

@@ -11,11 +11,14 @@ from typing import Any
 import pytest
 
 from buffer.flusher import Flusher, FlushPolicy
+from buffer.ledger import Outcome, Reason
+from buffer.lifecycle import Lifecycle
 from buffer.ring import Entry, EntryFailed, Ring, State, WhenFull
 from buffer.sink import Payload
 from tests.fakes import ClickHouseError, FakeClock, Insert, MemorySink
 
 KEY = ("events", "JSONEachRow")
+POISON = "CANNOT_PARSE_INPUT_ASSERTION_FAILED"
 
 
 def rows(n: int, key: tuple[str, str] = KEY) -> Entry:
@@ -32,12 +35,28 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def build(policy: FlushPolicy, sink: Any = None, *, mode: str = "gateway", capacity: int = 10_000_000,
+          **flusher: Any) -> tuple[FakeClock, Lifecycle, Ring, Flusher]:
+    """A ring and a flusher wired as the app wires them, on a fake clock, with a 30 s drain deadline."""
+    clock = FakeClock()
+    lifecycle = Lifecycle(mode, 30.0, clock=clock)
+    ring = Ring(capacity, 1_000_000, WhenFull.REJECT, clock, batch_rows=policy.max_rows, batch_bytes=policy.max_bytes)
+    return clock, lifecycle, ring, Flusher(ring, sink or MemorySink(), policy, lifecycle, clock=clock, **flusher)
+
+
+async def drain_to_exit(clock: FakeClock, flusher: Flusher, task: asyncio.Task[None], *, past_deadline: bool) -> None:
+    """Shuts down as SIGTERM would (refusing at once), optionally with the deadline already passed."""
+    flusher.lifecycle.shutdown("test")
+    if past_deadline:
+        clock.advance(31)
+    await flusher.stop()
+    await asyncio.wait_for(task, 10)
+
+
 class Rig:
-    def __init__(self, policy: FlushPolicy, sink: MemorySink | None = None, capacity: int = 10_000_000) -> None:
-        self.clock = FakeClock()
-        self.ring = Ring(capacity, 1_000_000, WhenFull.REJECT, self.clock)
+    def __init__(self, policy: FlushPolicy, sink: MemorySink | None = None, mode: str = "gateway") -> None:
         self.sink = sink or MemorySink()
-        self.flusher = Flusher(self.ring, self.sink, policy, clock=self.clock, instance="test")
+        self.clock, self.lifecycle, self.ring, self.flusher = build(policy, self.sink, mode=mode, instance="test")
         self.task: asyncio.Task[None] | None = None
 
     def add(self, entry: Entry) -> Entry:
@@ -59,21 +78,19 @@ class Rig:
 async def rig_factory() -> AsyncIterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
-    def make(**kw: object) -> Rig:
+    def make(mode: str = "gateway", **kw: object) -> Rig:
         policy = FlushPolicy(**{"max_rows": 100, "max_bytes": 1_000_000, "max_age": 1.0,
                                 "initial_backoff": 0.001, "max_backoff": 0.002, **kw})  # type: ignore[arg-type]
-        rig = Rig(policy)
+        rig = Rig(policy, mode=mode)
         rig.task = asyncio.create_task(rig.flusher.run())
         rigs.append(rig)
         return rig
 
     yield make
     for rig in rigs:
-        rig.flusher.drain(rig.clock() + 0.0)
-        await rig.flusher.stop()
         assert rig.task is not None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(rig.task, 5)
+            await drain_to_exit(rig.clock, rig.flusher, rig.task, past_deadline=True)
 
 
 async def test_waits_for_age_then_flushes(rig_factory: Callable[..., Rig]) -> None:
@@ -96,16 +113,28 @@ async def test_flushes_at_max_rows_without_waiting(rig_factory: Callable[..., Ri
     assert len(rig.sink.inserts) == 1, "one insert of the whole batch"
 
 
-async def test_a_backlog_goes_out_in_batches_bounded_by_bytes_not_rows(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_rows=10, max_bytes=400)  # 8 bytes a row: 50 rows per insert at most
+@pytest.mark.parametrize(("max_rows", "max_bytes", "largest"), [(30, 10_000, 30), (1_000, 160, 20)])
+async def test_a_backlog_goes_out_in_batches_capped_by_max_rows_and_max_bytes(
+        rig_factory: Callable[..., Rig], max_rows: int, max_bytes: int, largest: int) -> None:
+    rig = rig_factory(max_rows=max_rows, max_bytes=max_bytes, concurrency=1)  # 8 bytes a row
     gate = rig.hold_inserts()
-    await rig.add_taken(rows(10))  # due: the first insert starts and waits at the gate
+    rig.add(rows(10))
+    rig.clock.advance(2)
+    rig.flusher.wake()
+    await until(lambda: not rig.ring.queued_keys())  # the first insert starts and waits at the gate
     for _ in range(12):
-        rig.add(rows(10))  # a backlog of 120 rows builds up meanwhile
+        rig.add(rows(5))  # a backlog of 60 rows builds up meanwhile, appended into few entries
     gate.set()
-    await until(lambda: rig.sink.rows() == 130)
+    await until(lambda: rig.sink.rows() == 70)
     sizes = [i.payload.count(b"\n") for i in rig.sink.inserts]
-    assert sizes[0] == 10 and max(sizes) == 50 and len(sizes) == 4, sizes
+    assert sizes[0] == 10 and max(sizes) == largest and sum(sizes) == 70, sizes
+
+
+async def test_appended_writes_never_grow_an_entry_past_a_batch() -> None:
+    _, _, ring, _ = build(FlushPolicy(max_rows=7, max_bytes=10_000, max_age=1.0))
+    ring.offer(rows(5))
+    assert ring.try_append(KEY, b'{"a":1}\n' * 2, 2)
+    assert not ring.try_append(KEY, b'{"a":1}\n', 1), "7 rows is a whole batch: the next write starts an entry"
 
 
 async def test_full_batches_of_one_table_go_out_side_by_side(rig_factory: Callable[..., Rig]) -> None:
@@ -154,25 +183,13 @@ async def test_no_second_batch_beside_an_insert_being_retried(rig_factory: Calla
     rig = rig_factory(max_rows=10, concurrency=2, initial_backoff=0.005, max_backoff=0.01)
     rig.sink.failures = [ClickHouseError(252, "TOO_MANY_PARTS")] * 60
     rig.add(rows(10))
-    await until(lambda: KEY in rig.flusher._retrying)
+    await until(lambda: KEY in rig.flusher.scheduler.retrying)
     rig.add(rows(10))
     await asyncio.sleep(0.05)
-    assert KEY in rig.flusher._retrying and rig.ring.queued(KEY)[0] == 10, "no extra load on a struggling table"
+    assert KEY in rig.flusher.scheduler.retrying and rig.ring.queued(KEY)[0] == 10, "no load on a struggling table"
     rig.sink.failures.clear()
     await until(lambda: rig.sink.rows() == 20)
-    assert not rig.flusher._retrying
-
-
-async def test_with_every_slot_taken_the_loop_waits_for_a_flush_not_a_timer() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
-    flusher = Flusher(ring, MemorySink(), FlushPolicy(10, 10_000, 1.0, concurrency=1), clock=clock)
-    ring.offer(rows(1))
-    ring.offer(rows(1, ("other", "CSV")))
-    clock.advance(5)
-    assert flusher._next_timeout(clock()) == 0.0, "both are due"
-    flusher._busy[KEY] += 1  # as if the first key's insert were running
-    assert flusher._next_timeout(clock()) is None, "no slot: a timeout would only spin"
+    assert not rig.flusher.scheduler.retrying
 
 
 async def test_flushes_at_max_bytes(rig_factory: Callable[..., Rig]) -> None:
@@ -213,7 +230,7 @@ async def test_tokens_differ_between_batches_and_instances(rig_factory: Callable
     await until(lambda: len(rig.sink.inserts) == 2)
     t1, t2 = (i.token for i in rig.sink.inserts)
     assert t1 != t2 and t1.startswith("test-")
-    other = Flusher(Ring(10, 10, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1))
+    other = build(FlushPolicy(1, 1, 1))[3]
     assert other.instance != rig.flusher.instance
 
 
@@ -223,7 +240,7 @@ async def test_permanent_error_fails_the_batch_and_moves_on(rig_factory: Callabl
     bad = rig.add(rows(1))
     good = rig.add(rows(1))
     await until(lambda: good.state is State.COMMITTED)
-    assert bad.state is State.FAILED and "CANNOT_PARSE_INPUT_ASSERTION_FAILED" in bad.reason
+    assert bad.state is State.FAILED and bad.outcome == Outcome(Reason.REJECTED_BY_CLICKHOUSE, POISON), "no store"
     assert len(rig.sink.attempts) == 2, "a permanent error is not retried"
 
 
@@ -238,14 +255,14 @@ async def test_unknown_code_is_retried_a_bounded_number_of_times(rig_factory: Ca
 async def test_drain_flushes_young_batches_at_once_once_refusing(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
     rig.add(rows(2))
-    rig.ring.close()
-    rig.flusher.drain(rig.clock() + 30)
+    rig.lifecycle.drain("test")  # gateway, no propagation delay: refusing at once
+    assert rig.ring.closed, "the flusher closes the ring at the refusal point"
     await until(lambda: rig.sink.rows() == 2)
 
 
 async def test_drain_while_still_accepting_flushes_on_a_short_interval(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory(max_age=60.0)
-    rig.flusher.drain(rig.clock() + 30)
+    rig = rig_factory(mode="sidecar", max_age=60.0)
+    rig.lifecycle.drain("test")  # a sidecar's preStop: not ready, still accepting
     rig.add(rows(2))
     await asyncio.sleep(0.05)
     assert rig.sink.rows() == 0, "rows arriving while a sidecar drains are still batched"
@@ -264,48 +281,35 @@ async def test_barrier_flushes_at_once(rig_factory: Callable[..., Rig]) -> None:
 
 
 async def test_stop_after_deadline_reports_rows_not_flushed() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
     sink = MemorySink(failures=[ClickHouseError(210, "NETWORK_ERROR")] * 1000)
-    flusher = Flusher(ring, sink, FlushPolicy(100, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.002),
-                      clock=clock)
+    clock, lifecycle, ring, flusher = build(FlushPolicy(100, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.002),
+                                            sink)
     task = asyncio.create_task(flusher.run())
     ring.offer(rows(7))
-    ring.close()
-    flusher.drain(clock() + 10)
+    lifecycle.shutdown("test")
     await until(lambda: len(sink.attempts) >= 3)
-    clock.advance(11)
-    await flusher.stop()
-    await asyncio.wait_for(task, 5)
-    assert flusher.not_flushed_rows == 7
-    assert ring.counters.failed_rows["not_flushed_before_exit"] == 7
-    assert ring.rows == 0
+    await drain_to_exit(clock, flusher, task, past_deadline=True)
+    assert ring.ledger.failed == {Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT): 7}
+    assert ring.ledger.lost_rows == 7 and ring.rows == 0
 
 
 async def test_an_insert_still_running_at_exit_is_in_doubt_not_lost() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
     sink = MemorySink(gate=threading.Event())  # the insert hangs, as one to a stalled server would
-    flusher = Flusher(ring, sink, FlushPolicy(1, 10_000, 1.0), clock=clock)
+    clock, _, ring, flusher = build(FlushPolicy(1, 10_000, 1.0), sink)
     flusher.in_flight_grace = 0.05
     task = asyncio.create_task(flusher.run())
     ring.offer(rows(4))
     await until(lambda: not ring.queued_keys())  # taken and being inserted
     ring.offer(rows(3))  # queued behind it: never sent
-    ring.close()
-    flusher.drain(clock() + 1)
-    clock.advance(2)
-    await flusher.stop()
-    await asyncio.wait_for(task, 5)
-    assert flusher.in_doubt_rows == 4 and flusher.not_flushed_rows == 3
-    assert dict(ring.counters.failed_rows) == {"in_doubt_at_exit": 4, "not_flushed_before_exit": 3}
+    await drain_to_exit(clock, flusher, task, past_deadline=True)
+    assert ring.ledger.failed == {Outcome(Reason.IN_DOUBT_AT_EXIT): 4, Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT): 3}
     assert ring.rows == 0
     assert sink.gate is not None
     sink.gate.set()
 
 
 async def test_backoff_grows_and_is_capped() -> None:
-    f = Flusher(Ring(1, 1, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1, initial_backoff=0.1, max_backoff=1))
+    f = build(FlushPolicy(1, 1, 1, initial_backoff=0.1, max_backoff=1))[3].inserter
     samples = [f.backoff(attempt) for attempt in (1, 2, 3, 10) for _ in range(200)]
     first, second, third, tenth = (samples[i * 200:(i + 1) * 200] for i in range(4))
     assert max(first) <= 0.1 and max(second) <= 0.2 and max(third) <= 0.4 and max(tenth) <= 1.0
@@ -316,7 +320,7 @@ async def test_backoff_grows_and_is_capped() -> None:
 async def test_no_answer_retries_on_a_short_cap_server_errors_on_the_long_one() -> None:
     from buffer.errors import classify
 
-    f = Flusher(Ring(1, 1, WhenFull.REJECT), MemorySink(), FlushPolicy(1, 1, 1, initial_backoff=0.5, max_backoff=30))
+    f = build(FlushPolicy(1, 1, 1, initial_backoff=0.5, max_backoff=30))[3].inserter
     refused = classify(ConnectionRefusedError("refused"))
     busy = classify(ClickHouseError(252, "TOO_MANY_PARTS"))
     assert max(f.backoff(10, refused) for _ in range(300)) <= 1.0
@@ -343,11 +347,9 @@ async def test_each_flush_is_a_span_with_table_rows_bytes_and_attempts() -> None
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    clock = FakeClock()
-    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
     sink = MemorySink(failures=[ClickHouseError(252, "TOO_MANY_PARTS")])
-    flusher = Flusher(ring, sink, FlushPolicy(3, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.001),
-                      clock=clock, tracer=provider.get_tracer("test"))
+    clock, _, ring, flusher = build(FlushPolicy(3, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.001), sink,
+                                    tracer=provider.get_tracer("test"))
     task = asyncio.create_task(flusher.run())
     ring.offer(rows(3))
     await until(lambda: len(exporter.get_finished_spans()) == 1)
@@ -356,10 +358,7 @@ async def test_each_flush_is_a_span_with_table_rows_bytes_and_attempts() -> None
     attrs = dict(span.attributes or {})
     assert attrs["db.collection.name"] == "events" and attrs["ingest_buffer.rows"] == 3
     assert attrs["ingest_buffer.bytes"] == 24 and attrs["ingest_buffer.attempts"] == 2
-    ring.close()
-    flusher.drain(clock())
-    await flusher.stop()
-    await asyncio.wait_for(task, 5)
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
 
 
 class PoisonSink(MemorySink):
@@ -378,26 +377,21 @@ class ListStore:
     def __init__(self) -> None:
         self.letters: list[Any] = []
 
-    def write(self, letters: list[Any]) -> None:
+    def write(self, letters: list[Any]) -> int:
         self.letters.extend(letters)
+        return 0
 
 
 class PoisonRig:
     """A ring and a flusher over a PoisonSink; fill the ring, then drain() flushes everything."""
 
     def __init__(self) -> None:
-        self.clock = FakeClock()
-        self.ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, self.clock)
         self.sink, self.store = PoisonSink(), ListStore()
-        self.flusher = Flusher(self.ring, self.sink, FlushPolicy(100_000, 10_000_000, 1.0), clock=self.clock,
-                               instance="t", dead_letters=self.store)
+        self.clock, _, self.ring, self.flusher = build(FlushPolicy(100_000, 10_000_000, 1.0), self.sink,
+                                                       instance="t", dead_letters=self.store)
 
     async def drain(self) -> None:
-        task = asyncio.create_task(self.flusher.run())
-        self.ring.close()
-        self.flusher.drain(self.clock() + 60)
-        await self.flusher.stop()
-        await asyncio.wait_for(task, 10)
+        await drain_to_exit(self.clock, self.flusher, asyncio.create_task(self.flusher.run()), past_deadline=False)
 
 
 async def run_poison(payloads: list[bytes], *, waiters: bool = False) -> tuple[PoisonSink, ListStore, list[Entry]]:
@@ -422,7 +416,7 @@ async def test_poison_rows_are_isolated_good_rows_land_bad_rows_dead_lettered() 
     assert sink.rows() == 98
     assert sorted(letter.payload for letter in store.letters) == [b'{"a":"bad"}\n', b'{"a":"bad70"}\n']
     assert all(letter.code == 27 and letter.rows == 1 for letter in store.letters)
-    assert entries[3].committed_rows == 9 and entries[3].reason.startswith("dead_lettered:")
+    assert entries[3].committed_rows == 9 and entries[3].outcome == Outcome(Reason.DEAD_LETTERED, POISON)
     assert entries[0].state is State.COMMITTED
     # Bisection, not one insert per row: far fewer attempts than rows.
     assert len(sink.attempts) < 40
@@ -439,8 +433,8 @@ async def test_appended_writes_go_out_in_order_and_poison_rows_among_them_are_st
     await rig.drain()
     landed = b"".join(i.payload for i in rig.sink.inserts)
     assert landed.count(b"\n") == 19 and [letter.payload for letter in rig.store.letters] == [b'{"a":"bad"}\n']
-    assert first.committed_rows == 19 and first.reason.startswith("dead_lettered:")
-    assert rig.ring.counters.committed_rows == 19 and rig.ring.counters.accepted_requests == 20
+    assert first.committed_rows == 19 and first.outcome == Outcome(Reason.DEAD_LETTERED, POISON)
+    assert rig.ring.ledger.committed_rows == 19 and rig.ring.ledger.accepted_requests == 20
 
 
 async def test_an_odd_request_in_a_shared_entry_does_not_keep_the_others_from_splitting() -> None:
@@ -451,7 +445,7 @@ async def test_an_odd_request_in_a_shared_entry_does_not_keep_the_others_from_sp
     await rig.drain()
     assert [letter.payload for letter in rig.store.letters] == [b'{"a":"bad"}\n']
     assert pretty.committed_rows == 3
-    assert rig.ring.counters.failed_rows == {"dead_lettered:CANNOT_PARSE_INPUT_ASSERTION_FAILED": 1}
+    assert rig.ring.ledger.failed == {Outcome(Reason.DEAD_LETTERED, POISON): 1}
 
 
 async def test_isolation_tokens_are_deterministic() -> None:
@@ -472,15 +466,84 @@ async def test_committed_waiter_hears_its_rows_were_dead_lettered_and_why() -> N
 
 
 async def test_binary_entries_are_dead_lettered_whole() -> None:
-    clock = FakeClock()
-    ring = Ring(10_000, 10_000, WhenFull.REJECT, clock)
     sink, store = PoisonSink(), ListStore()
-    flusher = Flusher(ring, sink, FlushPolicy(100, 10_000, 1.0), clock=clock, dead_letters=store)
+    clock, _, ring, flusher = build(FlushPolicy(100, 10_000, 1.0), sink, dead_letters=store)
     ring.offer(Entry(("t", "RowBinary"), b"\x01bad\x02", 5))
     ring.offer(Entry(("t", "RowBinary"), b"\x01ok\x02", 4))
-    task = asyncio.create_task(flusher.run())
-    ring.close()
-    flusher.drain(clock() + 60)
-    await flusher.stop()
-    await asyncio.wait_for(task, 10)
+    await drain_to_exit(clock, flusher, asyncio.create_task(flusher.run()), past_deadline=False)
     assert [letter.rows for letter in store.letters] == [5] and sink.rows() == 0 and len(sink.inserts) == 1
+
+
+class MissingTableSink(MemorySink):
+    """Answers UNKNOWN_TABLE for the tables in ``missing``, as ClickHouse does before they are created."""
+
+    def __init__(self, missing: set[str]) -> None:
+        super().__init__()
+        self.missing = missing
+
+    def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
+        if table in self.missing:
+            with self.lock:
+                self.attempts.append(Insert(table, fmt, b"", token))
+            raise ClickHouseError(60, "UNKNOWN_TABLE")
+        return super().insert(table, fmt, payload, token)
+
+
+async def test_a_table_clickhouse_refuses_as_a_whole_is_held_never_split_and_flows_once_fixed() -> None:
+    sink, store = MissingTableSink({"events"}), ListStore()
+    policy = FlushPolicy(10, 1_000_000, 1.0, concurrency=1, initial_backoff=0.001, max_backoff=0.005)
+    clock, _, ring, flusher = build(policy, sink, dead_letters=store)
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(10))
+    await until(lambda: "events" in flusher.held and len(sink.attempts) >= 3)
+    held = flusher.held["events"]
+    assert held.error == "UNKNOWN_TABLE" and "table 'events' does not exist" in held.advice
+    ring.offer(rows(1, ("other", "JSONEachRow")))  # another table flows meanwhile, though the only slot is taken
+    clock.advance(2)
+    flusher.wake()
+    await until(lambda: sink.rows("other") == 1)
+    assert sink.rows("events") == 0 and "events" in flusher.held
+    sink.missing.clear()  # the operator creates the table
+    await until(lambda: sink.rows("events") == 10)
+    assert not flusher.held and not store.letters, "never split, never dead-lettered"
+    assert len({a.token for a in sink.attempts if a.table == "events"}) == 1, "one token: nothing twice"
+    assert ring.ledger.committed_rows == 11 and not ring.ledger.failed
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
+
+
+async def test_a_flush_task_that_raises_fails_its_batch_at_once_and_makes_the_buffer_unready(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenTracer:
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("tracer bug")
+
+    clock, lifecycle, ring, flusher = build(FlushPolicy(1, 10_000, 1.0), tracer=BrokenTracer())
+    lifecycle.serve()
+    task = asyncio.create_task(flusher.run())
+    e = rows(3)
+    e.waiter = asyncio.get_running_loop().create_future()
+    ring.offer(e)
+    with pytest.raises(EntryFailed, match="internal error"):
+        await asyncio.wait_for(e.waiter, 5)  # the COMMITTED writer hears at once, not at exit
+    assert ring.ledger.failed == {Outcome(Reason.INTERNAL_ERROR, "RuntimeError"): 3} and ring.rows == 0
+    assert not lifecycle.ready and "tracer bug" in lifecycle.faults[0]
+    assert any(r.exc_info and "tracer bug" in str(r.exc_info[1]) for r in caplog.records), "logged with traceback"
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
+
+
+async def test_rows_clickhouse_says_it_did_not_write_are_not_counted_as_committed(
+        rig_factory: Callable[..., Rig], caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory(max_rows=10)
+    rig.sink.written = lambda insert: insert.payload.count(b"\n") - 1  # one row of each insert skipped
+    rig.add(rows(10))
+    await until(lambda: rig.ring.ledger.committed_rows == 9)
+    assert rig.ring.ledger.failed == {Outcome(Reason.NOT_WRITTEN): 1} and rig.ring.ledger.lost_rows == 1
+    assert any("ClickHouse wrote 9 of the 10 rows" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_deduplicated_insert_reports_no_rows_and_is_still_committed(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=10)
+    rig.sink.written = lambda insert: 0  # a replay under a token ClickHouse has seen
+    rig.add(rows(10))
+    await until(lambda: rig.ring.ledger.committed_rows == 10)
+    assert not rig.ring.ledger.failed

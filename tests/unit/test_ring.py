@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from buffer.ledger import Outcome, Reason
 from buffer.ring import BufferClosed, BufferFull, Entry, EntryFailed, Ring, State, WhenFull
 from tests.fakes import FakeClock
 
 KEY = ("events", "JSONEachRow")
+DROPPED = Outcome(Reason.DROPPED_OLDEST)
 
 
 def entry(size: int = 10, rows: int = 1, key: tuple[str, str] = KEY) -> Entry:
@@ -28,9 +30,9 @@ async def test_offer_take_release_accounts_every_byte() -> None:
     assert [e.seq for e in batch] == [1, 2]
     assert all(e.state is State.IN_FLIGHT for e in batch)
     assert ring.bytes == 60, "in-flight bytes still count against the capacity"
-    ring.release(batch, committed=True)
+    ring.release(batch)
     assert (ring.bytes, ring.rows) == (20, 2)
-    assert ring.counters.committed_rows == 4
+    assert ring.ledger.committed_rows == 4
 
 
 async def test_reject_raises_with_retry_hint_and_keeps_contents() -> None:
@@ -40,7 +42,7 @@ async def test_reject_raises_with_retry_hint_and_keeps_contents() -> None:
         ring.offer(entry(20))
     assert info.value.retry_after > 0
     assert "50 bytes" in str(info.value)
-    assert ring.bytes == 40 and ring.counters.accepted_requests == 1
+    assert ring.bytes == 40 and ring.ledger.accepted_requests == 1
 
 
 async def test_row_bound_applies_as_well_as_bytes() -> None:
@@ -59,7 +61,7 @@ async def test_drop_oldest_evicts_pending_and_counts_intentional_drops() -> None
     ring.offer(entry(10))
     ring.offer(entry(15))  # needs 15 bytes: the two oldest go
     assert first.state is State.FAILED and second.state is State.FAILED
-    assert ring.counters.failed_rows["dropped_oldest"] == 2
+    assert ring.ledger.failed == {DROPPED: 2}
     assert ring.bytes == 25
     with pytest.raises(EntryFailed, match=r"dropped to make room for newer rows \(when_full=drop_oldest\)"):
         await first.waiter
@@ -86,7 +88,7 @@ async def test_try_admit_takes_only_what_fits_now_and_never_drops_or_jumps_the_q
     await asyncio.sleep(0)
     assert block.blocked_writers == 1
     assert not block.try_admit(entry(5)), "it would fit, but a writer waiting for room comes first"
-    block.release(block.take(KEY, 1, 1000), committed=True)
+    block.release(block.take(KEY, 1, 1000))
     await asyncio.wait_for(waiting, 1)
     block.close()
     assert not block.try_admit(entry(1)), "closed"
@@ -101,13 +103,13 @@ async def test_appended_writes_join_the_newest_entry_and_are_counted_like_any_ot
     assert first.parts() == [(b"x" * 20, 2), (b"b" * 10, 1), (b"c" * 10, 1)] and (first.rows, first.size) == (4, 40)
     assert (ring.bytes, ring.rows, ring.outstanding) == (40, 4, 1)
     assert ring.queued(KEY)[:2] == (4, 40)
-    assert ring.counters.accepted_requests == 3 and ring.counters.accepted_rows == 4
+    assert ring.ledger.accepted_requests == 3 and ring.ledger.accepted_rows == 4
     assert not ring.try_append(KEY, b"d" * 11, 1), "the entry would pass coalesce_bytes"
     assert not ring.try_append(("other", "CSV"), b"d", 1), "only into the same table and format"
     batch = ring.take(KEY, 100, 1000)
     assert batch == [first] and not ring.try_append(KEY, b"e", 1), "an entry being inserted never grows"
-    ring.release(batch, committed=True)
-    assert ring.counters.committed_rows == 4 and first.extra is None and ring.bytes == 0
+    ring.release(batch)
+    assert ring.ledger.committed_rows == 4 and first.extra is None and ring.bytes == 0
 
 
 async def test_appending_never_joins_a_waited_on_or_barrier_covered_entry_or_passes_the_bounds() -> None:
@@ -120,7 +122,7 @@ async def test_appending_never_joins_a_waited_on_or_barrier_covered_entry_or_pas
     ring.offer(plain)
     barrier = ring.barrier()
     assert not ring.try_append(KEY, b"a", 1), "the barrier's outcome counts what it covered, no more"
-    ring.release(ring.take(KEY, 10, 1000), committed=True)
+    ring.release(ring.take(KEY, 10, 1000))
     await asyncio.wait_for(barrier.done, 1)
     ring.offer(entry(10))
     assert not ring.try_append(KEY, b"a" * 91, 1), "no room"
@@ -134,10 +136,11 @@ async def test_settle_counts_every_reason_of_an_entry_and_names_the_main_one() -
     ring = Ring(1000, 100, WhenFull.REJECT)
     e = entry(10, 10)
     ring.offer(e)
-    ring.settle([(e, 5, {"dead_lettered:BAD": 1, "not_flushed_before_exit": 4}, "detail")])
-    assert dict(ring.counters.failed_rows) == {"dead_lettered:BAD": 1, "not_flushed_before_exit": 4}
-    assert e.state is State.FAILED and e.reason == "not_flushed_before_exit" and e.committed_rows == 5
-    assert ring.counters.committed_rows == 5 and ring.rows == 0
+    bad, late = Outcome(Reason.DEAD_LETTERED, "BAD"), Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
+    ring.settle([(e, 5, {bad: 1, late: 4}, "detail")])
+    assert ring.ledger.failed == {bad: 1, late: 4}
+    assert e.state is State.FAILED and e.outcome == late and e.committed_rows == 5
+    assert ring.ledger.committed_rows == 5 and ring.rows == 0
 
 
 async def test_drop_oldest_buffers_keep_one_request_per_entry() -> None:
@@ -155,7 +158,7 @@ async def test_block_waits_for_room_then_admits_in_order() -> None:
     t_small = asyncio.create_task(ring.put(small, timeout=5))
     await asyncio.sleep(0)
     assert ring.blocked_writers == 2
-    ring.release(ring.take(KEY, 1, 1000), committed=True)
+    ring.release(ring.take(KEY, 1, 1000))
     await asyncio.wait_for(asyncio.gather(t_big, t_small), 1)
     assert big.seq < small.seq, "the writer that waited first is admitted first"
 
@@ -186,7 +189,7 @@ async def test_committed_waiter_resolves_on_release() -> None:
     e = entry()
     e.waiter = asyncio.get_running_loop().create_future()
     ring.offer(e)
-    ring.release(ring.take(KEY, 10, 100), committed=True)
+    ring.release(ring.take(KEY, 10, 100))
     await asyncio.wait_for(e.waiter, 1)
 
 
@@ -196,9 +199,9 @@ async def test_barrier_waits_for_entries_before_it_only() -> None:
     ring.offer(entry(rows=4, key=("b", "CSV")))
     barrier = ring.barrier()
     ring.offer(entry(rows=5))  # after the barrier: not waited for
-    ring.release(ring.take(KEY, 1, 1000), committed=True)
+    ring.release(ring.take(KEY, 1, 1000))
     assert not barrier.done.done()
-    ring.release(ring.take(("b", "CSV"), 10, 1000), committed=False, reason="rejected_by_clickhouse:X")
+    ring.release(ring.take(("b", "CSV"), 10, 1000), Outcome(Reason.REJECTED_BY_CLICKHOUSE, "X"))
     await asyncio.wait_for(barrier.done, 1)
     assert barrier.outcome() == (3, 4)
     assert ring.rows == 5
@@ -214,7 +217,7 @@ async def test_fail_outstanding_reports_every_remaining_row() -> None:
     ring.offer(entry(rows=2))
     ring.offer(entry(rows=3))
     ring.take(KEY, 2, 1000)
-    assert ring.fail_outstanding("not_flushed_before_exit") == 5
+    assert ring.fail_outstanding(Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)) == 5
     assert ring.rows == 0 and ring.bytes == 0 and ring.emptied.is_set()
     assert ring.queued_keys() == []
 
@@ -286,7 +289,7 @@ class RingMachine(RuleBasedStateMachine):
     @rule(ok=st.booleans(), data=st.data())
     def release(self, ok: bool, data: st.DataObject) -> None:
         batch = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
-        self.ring.release(batch, committed=ok, reason="" if ok else "rejected_by_clickhouse:TEST")
+        self.ring.release(batch, None if ok else Outcome(Reason.REJECTED_BY_CLICKHOUSE, "TEST"))
 
     @invariant()
     def within_bounds(self) -> None:
@@ -295,9 +298,9 @@ class RingMachine(RuleBasedStateMachine):
 
     @invariant()
     def books_balance(self) -> None:
-        c = self.ring.counters
+        c = self.ring.ledger
         live = [e for e in self.accepted.values() if e.state in (State.PENDING, State.IN_FLIGHT)]
-        assert c.accepted_rows == c.committed_rows + sum(c.failed_rows.values()) + self.ring.rows
+        assert c.accepted_rows == c.committed_rows + sum(c.failed.values()) + self.ring.rows
         assert self.ring.rows == sum(e.rows for e in live)
         assert self.ring.bytes == sum(e.size for e in live)
         assert self.ring.outstanding == len(live)
@@ -328,7 +331,7 @@ def test_drop_oldest_keeps_newest_and_stays_bounded(items: list[tuple[int, int]]
         live = [e for e in kept if e.state is State.PENDING]
         # What survives is a suffix of what was sent: only the oldest are dropped.
         assert live == kept[len(kept) - len(live):]
-        assert ring.counters.failed_rows.get("dropped_oldest", 0) == sum(
+        assert ring.ledger.failed.get(DROPPED, 0) == sum(
             e.rows for e in kept if e.state is State.FAILED)
     finally:
         loop.close()

@@ -1,0 +1,172 @@
+"""One ledger of what became of every row: the exit code, the probes, the logs and the metrics read it.
+
+Rows come in (received, then accepted or refused), and every accepted row ends in exactly one
+place: committed to ClickHouse, or failed with an :class:`Outcome` — a :class:`Reason` (and, where
+ClickHouse gave one, its error name). Each reason knows its :class:`Fate`: the rows are *lost*,
+*dropped* on purpose (the configured full policy), or *kept* out of ClickHouse somewhere an operator
+can get them back (the dead-letter store). The books balance at every moment::
+
+    accepted_rows == committed_rows + failed rows (all reasons but DEAD_LETTERS_DELETED) + rows held
+
+``DEAD_LETTERS_DELETED`` is the one later event: rows already counted as dead-lettered (kept) whose
+file the full store deleted — they are lost too, and counted as such.
+
+Single-threaded: every method runs on the event loop (metrics read snapshots of it, see telemetry).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_CONFIG = 2
+EXIT_ROWS_LOST = 3
+
+
+class Fate(enum.Enum):
+    LOST = "lost"
+    DROPPED = "dropped"  # on purpose, as configured
+    KEPT = "kept"  # not in ClickHouse, but on disk where an operator can replay it
+
+
+class Reason(enum.Enum):
+    """Why accepted rows did not reach ClickHouse. The value is the label in metrics and logs."""
+
+    def __new__(cls, label: str, fate: Fate, words: str) -> Reason:
+        member = object.__new__(cls)
+        member._value_ = label
+        member.fate = fate
+        member.words = words
+        return member
+
+    fate: Fate
+    words: str
+
+    @property
+    def label(self) -> str:
+        return str(self.value)
+
+    DROPPED_OLDEST = ("dropped_oldest", Fate.DROPPED,
+                      "were dropped to make room for newer rows (when_full=drop_oldest)")
+    DEAD_LETTERED = ("dead_lettered", Fate.KEPT,
+                     "were refused by ClickHouse and written to the dead-letter store")
+    REJECTED_BY_CLICKHOUSE = ("rejected_by_clickhouse", Fate.LOST,
+                              "were refused by ClickHouse and could not be written to the dead-letter store")
+    NOT_FLUSHED_BEFORE_EXIT = ("not_flushed_before_exit", Fate.LOST, "were not flushed before the drain deadline")
+    IN_DOUBT_AT_EXIT = ("in_doubt_at_exit", Fate.LOST,
+                        "were being inserted when the drain deadline passed (ClickHouse may have them)")
+    NOT_WRITTEN = ("not_written_by_clickhouse", Fate.LOST,
+                   "were in an insert ClickHouse acknowledged but reported fewer rows written for")
+    INTERNAL_ERROR = ("internal_error", Fate.LOST, "were lost to an internal error of the buffer (its log has "
+                                                   "the traceback)")
+    DEAD_LETTERS_DELETED = ("dead_letters_deleted", Fate.LOST,
+                            "were deleted from the dead-letter store when it grew past --dead-letter-max-bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A reason, with the ClickHouse error that caused it where there is one."""
+
+    reason: Reason
+    error: str = ""
+
+    @property
+    def fate(self) -> Fate:
+        return self.reason.fate
+
+    def describe(self) -> str:
+        return self.reason.words + (f" ({self.error})" if self.error else "")
+
+    def __str__(self) -> str:
+        return self.reason.label + (f":{self.error}" if self.error else "")
+
+
+class Ledger:
+    """Counts rows in and out. The hot path touches plain integer attributes only."""
+
+    def __init__(self) -> None:
+        # Requests as they arrive (framing valid or not) and those refused, by refusal reason.
+        self.received_requests = 0
+        self.received_rows = 0  # rows in requests whose framing was valid
+        self.received_bytes = 0
+        self.refused: dict[str, list[int]] = {}  # reason label → [requests, bytes]
+        self.accepted_requests = 0
+        self.accepted_rows = 0
+        self.accepted_bytes = 0
+        self.committed_rows = 0
+        self.committed_bytes = 0
+        self.failed: dict[Outcome, int] = {}
+        # What ClickHouse said it wrote, when it disagreed with what the batch held.
+        self.mismatched_batches = 0
+
+    # ----- entries ---------------------------------------------------------------------------
+
+    def refuse(self, reason: str, size: int) -> None:
+        counts = self.refused.get(reason)
+        if counts is None:
+            counts = self.refused[reason] = [0, 0]
+        counts[0] += 1
+        counts[1] += size
+
+    def commit(self, rows: int, size: int) -> None:
+        self.committed_rows += rows
+        self.committed_bytes += size
+
+    def fail(self, outcome: Outcome, rows: int) -> None:
+        if rows:
+            self.failed[outcome] = self.failed.get(outcome, 0) + rows
+
+    def not_written(self, rows: int, error: str = "") -> None:
+        """ClickHouse acknowledged a batch but wrote ``rows`` fewer rows than it held."""
+        self.committed_rows -= rows
+        self.fail(Outcome(Reason.NOT_WRITTEN, error), rows)
+        self.mismatched_batches += 1
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    def rows_by(self, fate: Fate) -> int:
+        return sum(n for o, n in self.failed.items() if o.fate is fate)
+
+    @property
+    def lost_rows(self) -> int:
+        return self.rows_by(Fate.LOST)
+
+    def by_reason(self, fate: Fate | None = None) -> dict[Reason, int]:
+        """{reason: rows}, every error of a reason summed."""
+        out: dict[Reason, int] = {}
+        for o, n in self.failed.items():
+            if fate is None or o.fate is fate:
+                out[o.reason] = out.get(o.reason, 0) + n
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The counts an operator reads: in the final log line, /readyz and /drain."""
+        return {"rows_accepted": self.accepted_rows, "rows_committed": self.committed_rows,
+                "rows_lost": self.lost_rows, "rows_dropped": self.rows_by(Fate.DROPPED),
+                "rows_dead_lettered": self.rows_by(Fate.KEPT),
+                "rows_in_doubt": self.by_reason().get(Reason.IN_DOUBT_AT_EXIT, 0),
+                "rows_failed": {str(o): n for o, n in self.failed.items()}}
+
+    def exit_code(self, crashed: bool) -> int:
+        if crashed:
+            return EXIT_CRASHED
+        return EXIT_ROWS_LOST if self.lost_rows else EXIT_OK
+
+    def exit_line(self, crashed: bool, faults: list[str]) -> str:
+        """The last line the process logs: never more than the ledger can back."""
+        if crashed:
+            return "exiting after an internal failure: " + "; ".join(faults)
+        lost = self.lost_rows
+        if lost:
+            parts = ", ".join(f"{n} {r.label.replace('_', ' ')}" for r, n in self.by_reason(Fate.LOST).items())
+            return f"exiting with {lost} accepted rows that did not reach ClickHouse ({parts})"
+        line = f"exiting: {self.committed_rows} rows reached ClickHouse"
+        kept, dropped = self.rows_by(Fate.KEPT), self.rows_by(Fate.DROPPED)
+        if kept:
+            line += f", {kept} refused for their data are in the dead-letter store"
+        if dropped:
+            line += f", {dropped} were dropped as --when-full drop_oldest allows"
+        return line + "; none was lost"

@@ -1,0 +1,67 @@
+"""The admin listener's routes: probes, the drain entry point, metrics. They read the lifecycle, the
+ledger and the buffer; the only thing they change is the lifecycle (``POST /drain``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import Any
+
+from buffer.admin import Handler, json_body
+from buffer.flusher import Flusher
+from buffer.lifecycle import Lifecycle
+from buffer.ring import Ring
+from buffer.telemetry import Telemetry
+
+
+class AdminRoutes:
+    def __init__(self, lifecycle: Lifecycle, ring: Ring, flusher: Flusher, telemetry: Telemetry) -> None:
+        self.lifecycle = lifecycle
+        self.ring = ring
+        self.ledger = ring.ledger
+        self.flusher = flusher
+        self.telemetry = telemetry
+
+    def table(self) -> dict[tuple[str, str], Handler]:
+        return {("GET", "/livez"): self.livez, ("GET", "/readyz"): self.readyz, ("POST", "/drain"): self.drain,
+                ("GET", "/metrics"): self.metrics}
+
+    async def livez(self) -> tuple[int, str, bytes]:
+        if self.lifecycle.crashed:
+            return json_body(503, {"live": False, "crashed": self.lifecycle.crashed})
+        return json_body(200, {"live": True})
+
+    async def readyz(self) -> tuple[int, str, bytes]:
+        lc, ring, stats = self.lifecycle, self.ring, self.flusher.stats
+        body: dict[str, Any] = {
+            "ready": lc.ready, "phase": lc.phase.label, "enabled": lc.ready, "draining": lc.is_draining,
+            "buffer_rows": ring.rows, "buffer_bytes": ring.bytes, "oldest_row_seconds": round(ring.oldest_age(), 3),
+            "last_flush_unix": stats.last_success, "last_insert_error": stats.last_error[:300] or None,
+            "held_tables": {h.table: {"error": h.error, "fix": h.advice, "since_unix": round(h.since, 3),
+                                      "attempts": h.attempts} for h in self.flusher.held.values()},
+            "rows_lost": self.ledger.lost_rows,
+        }
+        if lc.faults:
+            body["faults"] = lc.faults
+        return json_body(200 if lc.ready else 503, body)
+
+    async def drain(self) -> tuple[int, str, bytes]:
+        lc = self.lifecycle
+        lc.drain("POST /drain")
+        if lc.mode == "gateway":
+            await self._until_deadline(lc.refusing.wait())
+        await self._until_deadline(self.ring.emptied.wait())
+        drained = self.ring.outstanding == 0
+        assert lc.drain_started is not None
+        body = {"drained": drained, "mode": lc.mode, "phase": lc.phase.label, "accepting": lc.accepting,
+                "rows_buffered": self.ring.rows, **self.ledger.summary(),
+                "seconds": round(lc.clock() - lc.drain_started, 3), "deadline_in": round(lc.remaining(), 3)}
+        return json_body(200 if drained else 503, body)
+
+    async def _until_deadline(self, aw: Awaitable[Any]) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(aw, self.lifecycle.remaining())
+
+    async def metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.telemetry.prometheus_text()
