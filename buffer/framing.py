@@ -21,8 +21,24 @@ from buffer.refusals import InvalidRequest
 # apart without decoding them). A plain tuple: this runs once per request, often per row.
 Checked = tuple[str, int, bool]
 
-# The JSON line formats: each line opens and closes with these.
-_JSON_LINES = {"JSONEachRow": (b"{", b"}", "object"), "JSONCompactEachRow": (b"[", b"]", "array")}
+
+
+class _OnePerLine:
+    """How a JSON line format's lines open and close, prepared for byte counts."""
+
+    __slots__ = ("closing", "ends", "first", "kind", "opening", "starts")
+
+    def __init__(self, opening: bytes, closing: bytes, kind: str) -> None:
+        self.opening, self.closing, self.kind = opening, closing, kind
+        self.first = opening[0]
+        self.ends = (closing + b"\n", closing + b"\r\n")
+        self.starts = b"\n" + opening
+
+
+_JSON_LINES = {"JSONEachRow": _OnePerLine(b"{", b"}", "object"),
+               "JSONCompactEachRow": _OnePerLine(b"[", b"]", "array")}
+# Format enum value → (ClickHouse name, is a line format, the one-value-per-line rule or None).
+_SPECS = {fmt: (name, lines, _JSON_LINES.get(name)) for fmt, (name, lines) in FORMATS.items()}
 
 # Names that passed the check, so the hot path skips the pattern match (bounded: clients choose them).
 _VALID_NAMES: set[str] = set()
@@ -33,12 +49,12 @@ def check_request(table: str, fmt: int, payload: bytes, row_count: int, max_byte
     """Validates framing and sizes; the table's existence is checked elsewhere."""
     if table not in _VALID_NAMES:
         _check_table_name(table)
-    spec = FORMATS.get(fmt)
+    spec = _SPECS.get(fmt)
     if spec is None:
         known = ", ".join(ingest_pb2.Format.Name(v) for v in FORMATS)
         what = "unset" if fmt == ingest_pb2.FORMAT_UNSPECIFIED else f"unknown ({fmt})"
         raise InvalidRequest(f"format is {what}: use one of {known}", "bad_format")
-    name, is_lines = spec
+    name, is_lines, json = spec
     size = len(payload)
     if size == 0:
         raise InvalidRequest("rows is empty: send at least one complete row", "empty")
@@ -51,9 +67,10 @@ def check_request(table: str, fmt: int, payload: bytes, row_count: int, max_byte
             raise InvalidRequest(f"the last row does not end with a newline: the {FORMAT_NAMES[fmt]} payload looks "
                                  "truncated; send complete rows, each ending with \\n", "truncated")
         lines = payload.count(b"\n")
-        json = _JSON_LINES.get(name)
-        if json is not None and not _one_value_per_line(payload, lines, json[0], json[1]):
-            raise _not_one_per_line(payload, name, *json)
+        # One line, the common small write: two byte checks. More: three counts, no loop.
+        if json is not None and (payload[0] != json.first or not payload.endswith(json.ends) or (
+                lines > 1 and not _one_value_per_line(payload, lines, json))):
+            raise _not_one_per_line(payload, name, json)
         if row_count > lines or (row_count and json is not None and row_count != lines):
             raise InvalidRequest(f"row_count is {row_count} but the payload has {lines} lines: every "
                                  f"{FORMAT_NAMES[fmt]} row ends with a newline; fix the count or the framing",
@@ -83,18 +100,16 @@ def _check_table_name(table: str) -> None:
         _VALID_NAMES.add(table)
 
 
-def _one_value_per_line(payload: bytes, lines: int, opening: bytes, closing: bytes) -> bool:
-    if payload[:1] != opening:
-        return False
-    if lines == 1:  # the common small write: no scan at all
-        return payload.endswith(closing + b"\n") or payload.endswith(closing + b"\r\n")
-    starts = 1 + payload.count(b"\n" + opening)
-    ends = payload.count(closing + b"\n") + payload.count(closing + b"\r\n")
+def _one_value_per_line(payload: bytes, lines: int, rule: _OnePerLine) -> bool:
+    """Every line starts with the opening byte and ends with the closing one (given the first does)."""
+    starts = 1 + payload.count(rule.starts)
+    ends = payload.count(rule.ends[0]) + payload.count(rule.ends[1])
     return starts == lines and ends == lines
 
 
-def _not_one_per_line(payload: bytes, name: str, opening: bytes, closing: bytes, kind: str) -> InvalidRequest:
+def _not_one_per_line(payload: bytes, name: str, rule: _OnePerLine) -> InvalidRequest:
     """The refusal, naming the first line that is not one value (this path may loop: it is rare)."""
+    opening, closing, kind = rule.opening, rule.closing, rule.kind
     number, why = 0, ""
     for number, raw in enumerate(payload.split(b"\n")[:-1], 1):  # noqa: B007 (the number is used below)
         line = raw.rstrip(b"\r")

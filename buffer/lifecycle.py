@@ -197,4 +197,8 @@ class Lifecycle:
             return  # phases only move forward
         self.phase = phase
         for listener in list(self._listeners):
-            listener(phase)
+            try:
+                listener(phase)
+            except Exception as exc:  # the drain goes on; the failure is loud and makes the exit non-zero
+                log.exception("a listener of the %s phase failed", phase.label)
+                self.fault(f"a listener of the {phase.label} phase raised {exc!r}")

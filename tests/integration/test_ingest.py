@@ -432,3 +432,17 @@ async def test_dead_letters_can_go_to_a_clickhouse_table(clickhouse: ClickHouse,
     assert len(rows) == 1
     table, code, error, n, data = rows[0]
     assert (table, n, data) == ("t", 1, '{"id":"x","s":"bad"}\n') and code > 0 and error
+
+
+async def test_a_csv_header_line_is_refused_and_rows_without_it_land(clickhouse: ClickHouse,
+                                                                    start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer()
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Write(pb.WriteRequest(table="t", format=pb.FORMAT_CSV, rows=b"id,s\n1,a\n2,b\n"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is a header (id,s): send rows only — drop the header line" in (info.value.details() or "")
+    done = await stub.Write(pb.WriteRequest(table="t", format=pb.FORMAT_CSV, rows=b"1,a\n2,b\n",
+                                            ack_level=pb.ACK_LEVEL_COMMITTED))
+    assert done.rows == 2 and clickhouse.count("t") == 2

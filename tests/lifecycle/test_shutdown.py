@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -271,6 +272,37 @@ def test_sql_command_creates_tables_and_check_config_connect_is_a_gate(tmp_path:
     assert ok.returncode == 0, ok.stderr
     down = cli("check-config", "--connect", "--clickhouse-url", "http://127.0.0.1:9/")
     assert down.returncode == 1 and "not reachable" in down.stderr
+
+
+def test_check_config_connect_changes_nothing_and_fails_what_it_cannot_check(
+        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    import subprocess
+    import sys
+
+    from tests.lifecycle.conftest import ROOT, chdb
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "buffer", *args], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env={**os.environ, "INGEST_BUFFER_FLUSH_INTERVALL": "2s"})
+
+    path = tmp_path / "chdb"
+    url = f"chdb://{path}"
+    typo = cli("check-config", "--connect", "--clickhouse-url", url, "--database", "ap")
+    assert typo.returncode == 1, typo.stderr
+    assert "error: database 'ap' does not exist in ClickHouse: create it (CREATE DATABASE `ap`)" in typo.stderr
+    assert "INGEST_BUFFER_FLUSH_INTERVALL is not a setting (did you mean INGEST_BUFFER_FLUSH_INTERVAL?)" in \
+        typo.stderr, "an unknown variable is named, with the nearest setting"
+    assert chdb(path, "SELECT count() FROM system.databases WHERE name = 'ap'") == [[[0]]], "nothing was created"
+    hint = cli("sql", "--clickhouse-url", url, "--database", "ap", "CREATE TABLE t (id UInt64) ENGINE = Memory")
+    assert hint.returncode == 1 and 'ingest-buffer sql --database default "CREATE DATABASE ap"' in hint.stderr
+    running = serve("--clickhouse-url", url, env={"INGEST_BUFFER_LINGR": "1s"})
+    running.wait_ready()
+    locked = cli("check-config", "--connect", "--clickhouse-url", url)
+    assert locked.returncode == 1 and "cannot open the embedded engine" in locked.stderr, locked.stderr
+    running.signal(signal.SIGTERM)
+    assert running.wait() == 0
+    warned = [r for r in running.log_records() if "is not a setting" in r.get("msg", "")]
+    assert len(warned) == 1 and "INGEST_BUFFER_LINGR" in warned[0]["msg"] and warned[0]["level"] == "warning"
 
 
 def test_the_readme_demo_runs(tmp_path: Path) -> None:

@@ -126,3 +126,17 @@ async def test_on_a_loop_the_refusal_comes_by_itself_at_its_time() -> None:
     assert lc.accepting
     await asyncio.wait_for(lc.refusing.wait(), 2)
     assert lc.phase is Phase.REFUSING
+
+
+def test_a_listener_that_raises_is_logged_and_makes_the_buffer_unready(caplog: pytest.LogCaptureFixture) -> None:
+    _, lc, seen = machine("gateway", delay=0)
+
+    def broken(phase: Phase) -> None:
+        raise RuntimeError("listener bug")
+
+    lc.subscribe(broken)
+    lc.serve()
+    assert lc.faults and "listener bug" in lc.faults[0] and not lc.ready
+    lc.drain("POST /drain")
+    assert lc.phase is Phase.REFUSING and seen[-1] is Phase.REFUSING, "the drain goes on, every listener hears it"
+    assert any(r.exc_info for r in caplog.records)

@@ -28,3 +28,14 @@ def test_mypy() -> None:
 def test_buf_lint() -> None:
     out = run(dev_tool("buf"), "lint")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_send_and_the_api_import_nothing_of_the_server() -> None:
+    import sys
+
+    code = ("import sys, buffer.send, buffer.api; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('clickhouse_connect', 'opentelemetry') "
+            "or m in ('buffer.service', 'buffer.ring', 'buffer.app', 'buffer.server', 'buffer.flusher')))")
+    out = run(sys.executable, "-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
