@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,24 +21,15 @@ import pytest
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
 from tests.conftest import ClickHouse
+from tests.integration.test_ingest import http_get, jrows
 
 J = pb.FORMAT_JSON_EACH_ROW
 
 
-def jrows(start: int, n: int) -> bytes:
-    return b"".join(b'{"id":%d,"s":"row %d"}\n' % (i, i) for i in range(start, start + n))
-
-
 async def readyz(buf: Any) -> dict[str, Any]:
-    def get() -> dict[str, Any]:
-        try:
-            with urllib.request.urlopen(buf.http + "/readyz", timeout=5) as r:
-                body: dict[str, Any] = json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read())
-        return body
-
-    return await asyncio.to_thread(get)
+    _, text = await http_get(buf.http + "/readyz")
+    body: dict[str, Any] = json.loads(text)
+    return body
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
