@@ -6,12 +6,14 @@ A table is writable when it exists in the configured database and, with an allow
 created a moment ago is found, and one that is missing is refused with NOT_FOUND at once, with the
 same words the startup check uses, never acknowledged for rows that could only be lost. While
 ClickHouse cannot be asked at all, the allowlist alone decides (without one, any valid name is let
-through); the flusher then holds a missing table's rows until it appears.
+through) and a write never waits for ClickHouse to answer; the flusher then holds a missing table's
+rows until it appears.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from buffer.refusals import UnknownTable
 from buffer.sink import Schema
 
 log = logging.getLogger(__name__)
+
+CHECK_WAIT = 2.0  # the longest a write to a table not known yet waits for ClickHouse to say it exists
 
 
 class TableCatalog:
@@ -38,16 +42,23 @@ class TableCatalog:
         self._refreshing: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
-        if self.read_schema is None:
-            return
-        if self._refreshing is None:
-            self._refreshing = asyncio.create_task(self._refresh())
-        task = self._refreshing
-        try:
+        task = self._start_refresh()
+        if task is not None:
             await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._refreshing = None
+
+    def _start_refresh(self) -> asyncio.Task[None] | None:
+        """The refresh under way, or a new one; one at a time, shared by every caller."""
+        if self.read_schema is None:
+            return None
+        if self._refreshing is None:
+            self._refreshing = task = asyncio.create_task(self._refresh())
+            task.add_done_callback(self._refreshed)
+        return self._refreshing
+
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled() and task.exception() is not None:  # _refresh catches what reading raises
+            log.error("refreshing the table catalog failed", exc_info=task.exception())
 
     async def _refresh(self) -> None:
         assert self.read_schema is not None
@@ -85,7 +96,13 @@ class TableCatalog:
         if table in self._writable:
             return
         if time.monotonic() - self._last_refresh >= self.refresh_interval:
-            await self.refresh()
+            if self.reachable:
+                # ClickHouse answered last time: a table created a moment ago is found now. A write
+                # never waits long for it, though: should ClickHouse have gone away, it goes on.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.refresh(), CHECK_WAIT)
+            else:
+                self._start_refresh()  # ClickHouse has not answered: ask again, but do not wait
         if table in self._writable or self.reachable is not True or self.schema is None:
             return  # writable now, or ClickHouse cannot say: the allowlist (or nothing) decided
         if not self.schema.database_exists:
