@@ -31,8 +31,11 @@ class IngestServiceStub:
     Status codes a client should handle:
     INVALID_ARGUMENT   the request is malformed (unknown format, empty or
     oversized payload, truncated last row, bad table name,
-    row_count that does not match the payload). Do not retry.
-    NOT_FOUND          the table does not exist or is not in the allowlist.
+    row_count that does not match the payload, not one
+    JSON value per line, a CSV/TSV header line). Do not
+    retry.
+    NOT_FOUND          the table or its database does not exist, or the
+    table is not in the allowlist.
     RESOURCE_EXHAUSTED the buffer is full (policy `reject`, or `block` ran out
     of time). Retry after the delay in the
     `retry-after-ms` trailing metadata.
@@ -75,8 +78,11 @@ class IngestServiceServicer:
     Status codes a client should handle:
     INVALID_ARGUMENT   the request is malformed (unknown format, empty or
     oversized payload, truncated last row, bad table name,
-    row_count that does not match the payload). Do not retry.
-    NOT_FOUND          the table does not exist or is not in the allowlist.
+    row_count that does not match the payload, not one
+    JSON value per line, a CSV/TSV header line). Do not
+    retry.
+    NOT_FOUND          the table or its database does not exist, or the
+    table is not in the allowlist.
     RESOURCE_EXHAUSTED the buffer is full (policy `reject`, or `block` ran out
     of time). Retry after the delay in the
     `retry-after-ms` trailing metadata.
@@ -149,8 +155,11 @@ class IngestService:
     Status codes a client should handle:
     INVALID_ARGUMENT   the request is malformed (unknown format, empty or
     oversized payload, truncated last row, bad table name,
-    row_count that does not match the payload). Do not retry.
-    NOT_FOUND          the table does not exist or is not in the allowlist.
+    row_count that does not match the payload, not one
+    JSON value per line, a CSV/TSV header line). Do not
+    retry.
+    NOT_FOUND          the table or its database does not exist, or the
+    table is not in the allowlist.
     RESOURCE_EXHAUSTED the buffer is full (policy `reject`, or `block` ran out
     of time). Retry after the delay in the
     `retry-after-ms` trailing metadata.
