@@ -77,14 +77,15 @@ class App:
         self.admin = AdminServer(http[0], http[1], AdminRoutes(self.lifecycle, self.ring, self.flusher,
                                                                self.telemetry).table(),
                                  local_only=frozenset({("POST", "/drain")}))
+        # Stopped in reverse: metrics snapshots outlive the flusher, so OTLP sees the whole drain.
         routines: list[Routine] = [
-            self.admin, self.flusher,
+            self.admin,
+            PeriodicRoutine("metrics-snapshot", 1.0, self._snapshot, "could not take a metrics snapshot"),
+            self.flusher,
             PeriodicRoutine("table-catalog", 30.0, self.catalog.refresh, "could not refresh the list of ClickHouse "
                             "tables"),
-            PeriodicRoutine("metrics-snapshot", 1.0, self._snapshot, "could not take a metrics snapshot"),
             self.grpc]
-        self.supervisor = Supervisor(routines, signals=signals,
-                                     on_signal=lambda sig: self.lifecycle.terminate(sig.name),
+        self.supervisor = Supervisor(routines, signals=signals, on_signal=self._on_signal,
                                      on_crash=lambda r, exc: self.lifecycle.crash(r.name, exc),
                                      force_exit=self._force_exit)
         metrics.register(self.telemetry, self.ledger, self.ring, self.flusher, self.lifecycle)
@@ -148,7 +149,16 @@ class App:
     async def _snapshot(self) -> None:
         self.telemetry.snapshot()
 
+    def _on_signal(self, sig: signal.Signals) -> None:
+        # SIGTERM is Kubernetes stopping the pod: a sidecar lingers for its siblings' last rows.
+        # SIGINT is a person at a terminal: no one else is writing, refuse at once.
+        if sig is signal.SIGTERM:
+            self.lifecycle.terminate(sig.name)
+        else:
+            self.lifecycle.shutdown(sig.name)
+
     def _force_exit(self) -> None:
-        lost = self.ring.rows
-        log.error("forced exit: %d buffered rows are lost", lost, extra={"rows_not_flushed": lost})
-        os._exit(EXIT_ROWS_LOST if lost else EXIT_OK)
+        held, lost = self.ring.rows, self.ledger.lost_rows
+        log.error("forced exit: %d buffered rows are lost (%d lost before)", held, lost,
+                  extra={"rows_not_flushed": held, "rows_lost": held + lost})
+        os._exit(EXIT_ROWS_LOST if held + lost else EXIT_OK)

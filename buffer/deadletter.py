@@ -4,8 +4,9 @@ One JSON object per line and per refused piece: when, table, format, ClickHouse 
 and message, row count, the deduplication token of the batch, and the raw bytes (as text when
 they are UTF-8, else base64) — enough to fix the data and replay it with ``ingest-buffer send``.
 Files rotate at ``max_file_bytes``; when the directory grows past ``max_total_bytes`` the oldest
-file is deleted and its rows are logged and reported (``write`` returns them, for the ledger), so the
-store never fills the disk and never loses rows silently. Synchronous: it runs in the flusher's worker threads.
+file is deleted and its rows are logged and reported (``write`` returns those this process wrote, for
+its ledger; an earlier run's are logged), so the store never fills the disk and never loses rows
+silently. Synchronous: it runs in the flusher's worker threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,9 @@ class FileDeadLetters:
         self.max_total_bytes = max_total_bytes
         self._lock = threading.Lock()
         self._current: Path | None = None
+        self._mine: set[Path] = set()  # files this process wrote: their rows are in its ledger
+        # In file names: a container's process is PID 1 at every restart, so the PID would not tell runs apart.
+        self._run = uuid.uuid4().hex[:8]
         self._seq = 0
 
     def write(self, letters: list[DeadLetter]) -> int:
@@ -81,8 +86,9 @@ class FileDeadLetters:
         cur = self._current
         if cur is None or not cur.exists() or cur.stat().st_size + size > self.max_file_bytes:
             self._seq += 1
-            cur = self.directory / f"{self.PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self._seq}.jsonl"
+            cur = self.directory / f"{self.PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{self._run}-{self._seq}.jsonl"
             self._current = cur
+            self._mine.add(cur)
         return cur
 
     def files(self) -> list[Path]:
@@ -105,9 +111,12 @@ class FileDeadLetters:
                         continue
             total -= oldest.stat().st_size
             oldest.unlink()
-            deleted += rows
-            log.error("dead-letter store over %d bytes: deleted %s with %d rows; they are lost",
-                      self.max_total_bytes, oldest.name, rows, extra={"rows_lost": rows})
+            mine = oldest in self._mine
+            self._mine.discard(oldest)
+            deleted += rows if mine else 0
+            log.error("dead-letter store over %d bytes: deleted %s with %d rows%s; they are lost",
+                      self.max_total_bytes, oldest.name, rows, "" if mine else " (written by an earlier run)",
+                      extra={"rows_lost": rows})
         return deleted
 
 

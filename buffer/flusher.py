@@ -33,7 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from buffer.deadletter import DeadLetterStore
 from buffer.errors import InsertFailure
-from buffer.inserter import FlushStats, Held, Inserter
+from buffer.inserter import Attempted, FlushStats, Held, Inserter
 from buffer.isolate import Settlement, isolate, settle
 from buffer.ledger import Outcome, Reason
 from buffer.lifecycle import Lifecycle, Phase
@@ -49,6 +49,18 @@ IN_FLIGHT_GRACE = 2.0
 _NOT_FLUSHED = Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
 
 __all__ = ["BatchResult", "FlushPolicy", "Flusher"]
+
+
+def shortfall(batch: list[Entry], unwritten: int) -> list[Settlement]:
+    """A committed batch of which ClickHouse wrote ``unwritten`` rows fewer than it held: which rows
+    is not known, so the shortfall is counted against its last rows (their COMMITTED writers hear of it)."""
+    out: list[Settlement] = []
+    for entry in reversed(batch):
+        k = min(unwritten, entry.rows)
+        unwritten -= k
+        failed = {Outcome(Reason.NOT_WRITTEN): k} if k else {}
+        out.append((entry, entry.rows - k, failed, "ClickHouse reported fewer rows written than the insert held"))
+    return out[::-1]
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class Flusher(Routine):
         # Inserts under way: batch number → (key, batch, task); a key may have several (backlogs).
         self._in_flight: dict[int, tuple[Key, list[Entry], asyncio.Task[None]]] = {}
         self._batch_numbers = itertools.count()
+        self._last_started: dict[Key, int] = {}  # key → number of its latest batch
         self.lifecycle.subscribe(self._phase_changed)
 
     @property
@@ -113,7 +126,9 @@ class Flusher(Routine):
         self.wake()
 
     def stop_budget(self) -> float | None:
-        return self.lifecycle.remaining() + 2.0
+        # Past the deadline, inserts already sent get in_flight_grace to say whether they committed,
+        # and the accounting after that needs a moment too.
+        return self.lifecycle.remaining() + self.in_flight_grace + 2.0
 
     async def stop(self) -> None:
         """Drains the ring until empty or the deadline (the gRPC server has stopped taking rows)."""
@@ -146,12 +161,16 @@ class Flusher(Routine):
 
     def _start_due(self) -> None:
         s = self.scheduler
-        s.urgent = self.ring.barrier_waiting or not self.lifecycle.accepting
+        s.refusing = not self.lifecycle.accepting
         now = self.clock()
-        for key in self.ring.queued_keys():
+        keys = self.ring.queued_keys()
+        if len(keys) > 1:  # the key served longest ago first: a table with a backlog never starves another
+            keys.sort(key=lambda k: self._last_started.get(k, -1))
+        for key in keys:
             while s.can_start(key) and s.due(key, Queued(*self.ring.queued(key)), now):
                 batch = self.ring.take(key, self.policy.max_rows, self.policy.max_bytes)
                 number = next(self._batch_numbers)
+                self._last_started[key] = number
                 task = asyncio.create_task(self._flush(key, batch), name=f"flush {key[0]}")
                 self._in_flight[number] = (key, batch, task)
                 s.started(key)
@@ -169,20 +188,27 @@ class Flusher(Routine):
         self.wake()
 
     async def _finish(self) -> None:
-        """Leaves nothing silent: whatever is still outstanding is counted and logged."""
+        """Leaves nothing silent: whatever is still outstanding is counted and logged, even when the
+        supervisor cancels the flusher while it waits for inserts under way."""
+        self.ring.close()  # the flusher is gone (stopped, or crashed): no more rows may come in
         in_flight = [task for _, _, task in self._in_flight.values()]
-        if in_flight:
-            # An insert already sent may commit: give it a moment to say so, so that the count of
-            # what did not reach ClickHouse is exact rather than a guess.
-            await asyncio.wait(in_flight, timeout=self.in_flight_grace)
-        # Taken before cancelling: the tasks' done-callbacks forget their batches.
-        doubtful = [batch for _, batch, task in self._in_flight.values() if not task.done()]
-        for task in in_flight:
-            task.cancel()
+        try:
+            if in_flight:
+                # An insert already sent may commit: give it a moment to say so, so that the count of
+                # what did not reach ClickHouse is exact rather than a guess.
+                await asyncio.wait(in_flight, timeout=self.in_flight_grace)
+        finally:
+            self._account_leftovers(in_flight)
         for task in in_flight:
             with contextlib.suppress(asyncio.CancelledError, Exception):  # an exception: _flush_done reports it
                 await task
-        doubt = sum(e.rows for batch in doubtful for e in batch)
+
+    def _account_leftovers(self, in_flight: list[asyncio.Task[None]]) -> None:
+        # Taken before cancelling: the tasks' done-callbacks forget their batches.
+        doubtful = [batch for _, batch, task in self._in_flight.values() if not task.done()]
+        for task in in_flight:
+            task.cancel()  # their rows are settled below; the tasks end on their own
+        doubt = sum(e.rows for batch in doubtful for e in batch if e.state is State.IN_FLIGHT)
         if doubt:
             for batch in doubtful:
                 self.ring.release(batch, Outcome(Reason.IN_DOUBT_AT_EXIT))
@@ -221,10 +247,11 @@ class Flusher(Routine):
             done = await self.inserter.insert(key, payload, token, rows)
             failure, attempts = done.failure, done.attempts
             if failure is None:
-                self.ring.release(batch)
-                unwritten = self.inserter.unwritten(table, rows, done.written, attempts)
+                unwritten = self._unwritten(key, payload, rows, done)
                 if unwritten:
-                    self.ledger.not_written(unwritten)
+                    self.ring.settle(shortfall(batch, unwritten))
+                else:
+                    self.ring.release(batch)
                 self.stats.batches += 1
                 self.stats.last_success = time.time()
                 self.stats.last_error = ""
@@ -234,10 +261,7 @@ class Flusher(Routine):
             elif failure.retryable:  # the deadline came while retrying
                 self.ring.release(batch, _NOT_FLUSHED)
             else:
-                settlements, unwritten = await self._isolate(key, batch, token, failure)
-                self.ring.settle(settlements)
-                if unwritten:
-                    self.ledger.not_written(unwritten)
+                self.ring.settle(await self._isolate(key, batch, token, failure))
             settled = True
         finally:
             # Not settled: cancelled mid-insert at exit (_finish counts these rows), or raised
@@ -251,20 +275,32 @@ class Flusher(Routine):
         if self.on_batch is not None:
             self.on_batch(BatchResult(key, rows, size, attempts, time.monotonic() - t0, failure is None, failure))
 
-    async def _isolate(self, key: Key, batch: list[Entry], token: str,
-                       first: InsertFailure) -> tuple[list[Settlement], int]:
-        """ClickHouse refused the batch for its data: insert the good rows, dead-letter the bad ones.
-        Returns the entries' settlements and the rows ClickHouse acknowledged but did not write."""
-        unwritten = 0
+    def _unwritten(self, key: Key, parts: list[bytes], rows: int, done: Attempted) -> int:
+        """Rows of a committed insert that ClickHouse did not write, and so did not reach it.
 
-        async def insert(parts: list[bytes], sub_token: str, rows: int) -> InsertFailure | None:
-            nonlocal unwritten
+        One exception: a CSV field in quotes may hold a newline, and a CSV request without its
+        row_count was counted by lines, so there ClickHouse's smaller count is the true one: the
+        counts are corrected, nothing is lost."""
+        short = self.inserter.unwritten(key[0], rows, done.written, done.attempts)
+        if short and key[1] == "CSV" and any(b'"' in part for part in parts):
+            self.ledger.recount(short)
+            log.warning("ClickHouse counted %d rows fewer than the buffer in a CSV insert into %s whose fields "
+                        "are quoted: a quoted newline was taken for a row end. The counts are corrected; send "
+                        "row_count with such rows to have them right from the start", short, key[0],
+                        extra={"table": key[0], "rows_recounted": short})
+            return 0
+        return short
+
+    async def _isolate(self, key: Key, batch: list[Entry], token: str, first: InsertFailure) -> list[Settlement]:
+        """ClickHouse refused the batch for its data: insert the good rows, dead-letter the bad ones."""
+
+        async def insert(parts: list[bytes], sub_token: str, rows: int) -> tuple[InsertFailure | None, int]:
             done = await self.inserter.insert(key, parts, sub_token, rows)
-            if done.failure is None:
-                unwritten += self.inserter.unwritten(key[0], rows, done.written, done.attempts)
-            return done.failure
+            if done.failure is not None:
+                return done.failure, 0
+            return None, self._unwritten(key, parts, rows, done)
 
-        found = await isolate(batch, key[1], token, first, insert, self.lifecycle.past_deadline)
+        found = await isolate(batch, key[1], token, first, insert, self.lifecycle.out_of_time)
         letters = found.letters(key, token)
         stored = True
         if letters:
@@ -277,4 +313,4 @@ class Flusher(Routine):
                     stored = False
                     log.error("could not write %d dead letters for %s: %s", len(letters), key[0], exc,
                               extra={"table": key[0], "rows_lost": sum(p.rows for p, _ in found.bad)})
-        return settle(key, batch, token, found, stored, self.dead_letters_where), unwritten
+        return settle(key, batch, token, found, stored, self.dead_letters_where)

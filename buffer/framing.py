@@ -133,7 +133,7 @@ def _not_one_per_line(payload: bytes, name: str, rule: _OnePerLine) -> InvalidRe
 
 
 def refuse_header(name: str, payload: bytes, columns: frozenset[bytes]) -> None:
-    """Refuses a CSV or TabSeparated payload whose first line names the table's columns.
+    """Refuses a CSV or TabSeparated payload whose first line names the table's columns (all of them).
 
     The buffer joins payloads, so a header would land as a row (or be skipped by ClickHouse's
     header detection and leave the count wrong). Cheap when there is none: the first field is
@@ -145,7 +145,8 @@ def refuse_header(name: str, payload: bytes, columns: frozenset[bytes]) -> None:
     if (first if cut < 0 else first[:cut]).strip(b'\r "') not in columns:
         return
     fields = [f.strip(b'\r "') for f in first.split(sep)]
-    if all(f in columns for f in fields):
+    # Rows carry every column (inserts name none), so a header names every column, each once.
+    if len(fields) == len(columns) and set(fields) == columns:
         raise InvalidRequest(f"the first line of the {name} payload is a header ({first[:200].decode(errors='replace')}"
                              "): send rows only — drop the header line (payloads are joined into one insert, where "
                              "a header is not a row)", "header_line")

@@ -13,8 +13,9 @@ deduplication token, so a retry after a commit whose reply was lost inserts noth
   operator fixes it, the same payload goes in under the same token: nothing lost, nothing twice;
 * *poison* failures return at once: the caller isolates the bad rows.
 
-Retries stop at the drain deadline. The sink reports the rows ClickHouse wrote where it can; when
-that is fewer than the batch held, the difference is counted as not written and logged.
+Retries stop at the drain deadline, once the buffer refuses new rows. The sink reports the rows
+ClickHouse wrote where it can; when that is fewer than the batch held, the difference is counted as
+not written and logged.
 """
 
 from __future__ import annotations
@@ -113,8 +114,7 @@ class Inserter:
                 attempt += 1
                 try:
                     written = await self.in_thread(self.sink.insert, table, key[1], payload, token)
-                    if held:
-                        self._release(table)
+                    self._release(table)  # whichever insert into the table gets through ends its hold
                     return Attempted(None, attempt, written)
                 except SinkUnavailable as exc:
                     return Attempted(InsertFailure(Kind.POISON, None, str(exc)), attempt)
@@ -123,13 +123,13 @@ class Inserter:
                 self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
                 self.stats.last_error = failure.message
                 if failure.kind is Kind.POISON:
+                    self._release(table)  # the table takes inserts again; these rows are the problem
                     return Attempted(failure, attempt)
                 if failure.kind is Kind.HOLD and not held:
                     held = True
                     self.scheduler.hold(key)  # waits without a slot: other tables keep flowing
                 delay = self.backoff(attempt, failure)
-                deadline = self.lifecycle.deadline
-                if deadline is not None and self.clock() + delay >= deadline:
+                if self.lifecycle.out_of_time(within=delay):
                     log.error("insert into %s failed (%s) and the drain deadline leaves no time to retry: "
                               "%d rows are lost", table, failure.name, rows,
                               extra={"table": table, "rows_not_flushed": rows, "error": failure.message[:300]})
@@ -167,6 +167,8 @@ class Inserter:
                              "rows_waiting": rows})
 
     def _release(self, table: str) -> None:
+        if not self.held:
+            return  # the common case: nothing held, one truth test per insert
         held = self.held.pop(table, None)
         if held is not None:
             log.warning("table %s accepts inserts again after %.0fs held (%s); its rows flow", table,

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 LINE_FORMATS = frozenset({"JSONEachRow", "JSONCompactEachRow", "CSV", "TabSeparated"})
 
-# insert(payload parts, token, rows) → the failure, or None once ClickHouse took them.
-InsertFn = Callable[[list[bytes], str, int], Awaitable[InsertFailure | None]]
+# insert(payload parts, token, rows) → (the failure, or None once ClickHouse took them; how many of the
+# rows ClickHouse said it did not write).
+InsertFn = Callable[[list[bytes], str, int], Awaitable[tuple[InsertFailure | None, int]]]
 # What Ring.settle takes: (entry, rows committed, {outcome: rows} for the others, detail).
 Settlement = tuple[Entry, int, dict[Outcome, int], str]
 
@@ -48,6 +49,7 @@ class Isolation:
     """What the search found: rows committed per entry, poison pieces, pieces the deadline left unsent."""
 
     good: dict[int, int]  # id(entry) → rows committed
+    unwritten: dict[int, int] = field(default_factory=dict)  # id(entry) → rows ClickHouse did not write
     bad: list[tuple[Piece, InsertFailure]] = field(default_factory=list)
     unsent: list[Piece] = field(default_factory=list)
     inserts: int = 0
@@ -72,10 +74,15 @@ async def isolate(batch: list[Entry], fmt: str, token: str, first: InsertFailure
                 continue
             rows = sum(p.rows for p in group)
             found.inserts += 1
-            failure = await insert([p.data for p in group], f"{token}/{group[0].label}-{group[-1].label}", rows)
+            failure, short = await insert([p.data for p in group], f"{token}/{group[0].label}-{group[-1].label}",
+                                          rows)
             if failure is None:
-                for p in group:
-                    found.good[id(p.entry)] += p.rows
+                for p in reversed(group):  # a shortfall is counted against the group's last rows
+                    k = min(short, p.rows)
+                    short -= k
+                    found.good[id(p.entry)] += p.rows - k
+                    if k:
+                        found.unwritten[id(p.entry)] = found.unwritten.get(id(p.entry), 0) + k
                 continue
             if failure.retryable:  # the deadline came while retrying
                 found.unsent.extend(group)
@@ -102,6 +109,8 @@ def settle(key: Key, batch: list[Entry], token: str, found: Isolation, stored: b
     for p in found.unsent:
         failed_of[id(p.entry)][Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)] += p.rows
         detail_of.setdefault(id(p.entry), "the drain deadline passed")
+    for entry_id, n in found.unwritten.items():
+        failed_of[entry_id][Outcome(Reason.NOT_WRITTEN)] += n
     bad_rows = sum(p.rows for p, _ in found.bad)
     good_rows = sum(found.good.values())
     unsent_rows = sum(p.rows for p in found.unsent)

@@ -84,6 +84,9 @@ class Outcome:
         return self.reason.label + (f":{self.error}" if self.error else "")
 
 
+_DELETED = Outcome(Reason.DEAD_LETTERS_DELETED)
+
+
 class Ledger:
     """Counts rows in and out. The hot path touches plain integer attributes only."""
 
@@ -99,8 +102,7 @@ class Ledger:
         self.committed_rows = 0
         self.committed_bytes = 0
         self.failed: dict[Outcome, int] = {}
-        # What ClickHouse said it wrote, when it disagreed with what the batch held.
-        self.mismatched_batches = 0
+        self.recounted_rows = 0  # counted in by lines, found fewer by ClickHouse (quoted CSV newlines)
 
     # ----- entries ---------------------------------------------------------------------------
 
@@ -119,11 +121,12 @@ class Ledger:
         if rows:
             self.failed[outcome] = self.failed.get(outcome, 0) + rows
 
-    def not_written(self, rows: int, error: str = "") -> None:
-        """ClickHouse acknowledged a batch but wrote ``rows`` fewer rows than it held."""
+    def recount(self, rows: int) -> None:
+        """``rows`` that were counted in (and committed) were never rows: ClickHouse's count is the true one."""
+        self.received_rows -= rows
+        self.accepted_rows -= rows
         self.committed_rows -= rows
-        self.fail(Outcome(Reason.NOT_WRITTEN, error), rows)
-        self.mismatched_batches += 1
+        self.recounted_rows += rows
 
     # ----- reading ---------------------------------------------------------------------------
 
@@ -133,6 +136,17 @@ class Ledger:
     @property
     def lost_rows(self) -> int:
         return self.rows_by(Fate.LOST)
+
+    @property
+    def kept_rows(self) -> int:
+        """Rows in the dead-letter store now: dead-lettered, less those the full store deleted since."""
+        return self.rows_by(Fate.KEPT) - self.failed.get(_DELETED, 0)
+
+    @property
+    def held_rows(self) -> int:
+        """Accepted rows with no outcome yet: in the buffer (or, at exit, unaccounted for: lost)."""
+        settled = sum(n for o, n in self.failed.items() if o.reason is not Reason.DEAD_LETTERS_DELETED)
+        return self.accepted_rows - self.committed_rows - settled
 
     def by_reason(self, fate: Fate | None = None) -> dict[Reason, int]:
         """{reason: rows}, every error of a reason summed."""
@@ -146,25 +160,28 @@ class Ledger:
         """The counts an operator reads: in the final log line, /readyz and /drain."""
         return {"rows_accepted": self.accepted_rows, "rows_committed": self.committed_rows,
                 "rows_lost": self.lost_rows, "rows_dropped": self.rows_by(Fate.DROPPED),
-                "rows_dead_lettered": self.rows_by(Fate.KEPT),
+                "rows_dead_lettered": self.kept_rows, "rows_held": self.held_rows,
                 "rows_in_doubt": self.by_reason().get(Reason.IN_DOUBT_AT_EXIT, 0),
                 "rows_failed": {str(o): n for o, n in self.failed.items()}}
 
     def exit_code(self, crashed: bool) -> int:
+        """At exit, rows still held (there should be none: the flusher settles them) count as lost."""
         if crashed:
             return EXIT_CRASHED
-        return EXIT_ROWS_LOST if self.lost_rows else EXIT_OK
+        return EXIT_ROWS_LOST if self.lost_rows or self.held_rows else EXIT_OK
 
     def exit_line(self, crashed: bool, faults: list[str]) -> str:
         """The last line the process logs: never more than the ledger can back."""
         if crashed:
             return "exiting after an internal failure: " + "; ".join(faults)
-        lost = self.lost_rows
-        if lost:
-            parts = ", ".join(f"{n} {r.label.replace('_', ' ')}" for r, n in self.by_reason(Fate.LOST).items())
-            return f"exiting with {lost} accepted rows that did not reach ClickHouse ({parts})"
+        lost, held = self.lost_rows, self.held_rows
+        if lost or held:
+            parts = [f"{n} {r.label.replace('_', ' ')}" for r, n in self.by_reason(Fate.LOST).items()]
+            if held:
+                parts.append(f"{held} never settled")
+            return f"exiting with {lost + held} accepted rows that did not reach ClickHouse ({', '.join(parts)})"
         line = f"exiting: {self.committed_rows} rows reached ClickHouse"
-        kept, dropped = self.rows_by(Fate.KEPT), self.rows_by(Fate.DROPPED)
+        kept, dropped = self.kept_rows, self.rows_by(Fate.DROPPED)
         if kept:
             line += f", {kept} refused for their data are in the dead-letter store"
         if dropped:

@@ -18,9 +18,12 @@ the mode:
   application's, and its SIGTERM comes after the application exited; an old-style sidecar gets
   SIGTERM together with the application. Either way the application's last rows are accepted.
 
-A shutdown without a signal (embedding, a crashed routine) refuses at once. The refusal never comes
-later than the deadline. Readers (the gRPC server, the flusher, the admin routes) look at the phase
-and the deadline here, and may subscribe to phase changes; nothing calls back into the wiring.
+A shutdown without a signal (embedding, a crashed routine) refuses at once. A linger or delay never
+runs past the deadline. Retries stop at the deadline only once the buffer refuses rows: a sidecar
+whose application still writes after it (a grace period longer than the drain timeout) keeps
+flushing what it takes rather than dropping it. Readers (the gRPC server, the flusher, the admin
+routes) look at the phase and the deadline here, and may subscribe to phase changes; nothing calls
+back into the wiring.
 
 Faults — a routine that crashed, a background task that raised — make the buffer unready for good
 and its exit code non-zero; they are recorded here too, because readiness is decided here.
@@ -95,6 +98,12 @@ class Lifecycle:
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
+
+    def out_of_time(self, within: float = 0.0) -> bool:
+        """True when retrying must stop: no rows come in any more and the deadline is (``within``
+        seconds from) now. While rows still come in, there is no giving up on them."""
+        return (self.phase >= Phase.REFUSING and self.deadline is not None
+                and self.clock() + within >= self.deadline)
 
     def subscribe(self, listener: Callable[[Phase], None]) -> None:
         """``listener(phase)`` runs on every phase change, on the event loop."""

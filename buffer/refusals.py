@@ -31,7 +31,7 @@ class BufferFull(Refusal):
     """No room for the request; ``retry_after`` is a hint in seconds."""
 
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message, "buffer_full")
+        super().__init__(f"{message}; retry after {retry_after:g}s", "buffer_full")
         self.retry_after = retry_after
 
 

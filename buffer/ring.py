@@ -93,7 +93,7 @@ class Barrier:
 
 
 _DROPPED = Outcome(Reason.DROPPED_OLDEST)
-_CLOSED = "the buffer is draining and accepts no new rows: this replica is shutting down, send to another one"
+_CLOSED = "the buffer is draining and accepts no new rows: it is shutting down; send to another replica"
 
 
 class Ring:
@@ -290,7 +290,7 @@ class Ring:
             _, fut = self._blocked.popleft()
             if not fut.done():
                 fut.set_exception(BufferClosed("the buffer started draining while this write waited for room: "
-                                               "this replica is shutting down, send to another one"))
+                                               "it is shutting down; send to another replica"))
 
     @property
     def closed(self) -> bool:
@@ -301,11 +301,16 @@ class Ring:
     def queued_keys(self) -> list[Key]:
         return [k for k, q in self._queues.items() if q]
 
-    def queued(self, key: Key) -> tuple[int, int, float | None]:
-        """(rows, bytes, acceptance time of the oldest entry) waiting under ``key``."""
+    def queued(self, key: Key) -> tuple[int, int, float | None, bool]:
+        """(rows, bytes, acceptance time of the oldest entry, whether a flush barrier covers some of
+        them) waiting under ``key``."""
         queue = self._queues.get(key)
-        oldest = queue[0].accepted_at if queue else None
-        return self._queued_rows.get(key, 0), self._queued_bytes.get(key, 0), oldest
+        if not queue:
+            return 0, 0, None, False
+        head = queue[0]
+        # Barriers are set in order, so the newest covers the most; a queue's head is its oldest entry.
+        covered = bool(self._barriers) and head.seq <= self._barriers[-1].upto_seq
+        return self._queued_rows[key], self._queued_bytes[key], head.accepted_at, covered
 
     def take(self, key: Key, max_rows: int, max_bytes: int) -> list[Entry]:
         """Removes up to max_rows/max_bytes from the key's queue (always at least one entry)."""
@@ -430,10 +435,6 @@ class Ring:
         """Seconds since the oldest row not yet settled was accepted (0 when empty)."""
         oldest = next(iter(self._outstanding.values()), None)
         return 0.0 if oldest is None else max(0.0, self.clock() - oldest.accepted_at)
-
-    @property
-    def barrier_waiting(self) -> bool:
-        return bool(self._barriers)
 
     @property
     def outstanding(self) -> int:

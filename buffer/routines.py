@@ -149,7 +149,10 @@ class Supervisor:
                 self.on_crash(routine, exc)
         elif not self._stop.is_set():
             log.error("routine %s ended on its own", routine.name)
-            self.crashed.append((routine.name, RuntimeError("ended before it was stopped")))
+            ended = RuntimeError("ended before it was stopped")
+            self.crashed.append((routine.name, ended))
+            if self.on_crash is not None:
+                self.on_crash(routine, ended)
         self._stop.set()
 
     async def run(self) -> bool:
@@ -165,6 +168,8 @@ class Supervisor:
                 except Exception as exc:
                     log.error("routine %s failed to start: %s", routine.name, exc)
                     self.crashed.append((routine.name, exc))
+                    if self.on_crash is not None:
+                        self.on_crash(routine, exc)
                     self._stop.set()  # what already runs is now being stopped, not ending on its own
                     break
                 started.append(routine)

@@ -1,9 +1,11 @@
 """Which (table, format) key is due for a flush, and which may start one now: plain code, no I/O.
 
 A key is *due* when its queue holds ``max_rows`` rows or ``max_bytes`` bytes (a full batch), when
-its oldest row is ``max_age`` old, and at once while a flush barrier waits or once the buffer
-refuses new rows. A partial batch waits while the key has an insert running, and grows meanwhile,
-so a trickle of rows never becomes a stream of tiny inserts.
+its oldest row is ``max_age`` old, and at once while a flush barrier waits for some of its rows or
+once the buffer refuses new rows. (A barrier makes only the keys it covers urgent: one waiting on a
+held table must not turn every other table's trickle into an insert per request.) A partial batch
+waits while the key has an insert running, and grows meanwhile, so a trickle of rows never becomes
+a stream of tiny inserts.
 
 *Slots*: up to ``concurrency`` keys have an insert running at once, and one key's backlog never
 takes a slot another key needs. A key with a backlog also sends further full batches side by side
@@ -38,11 +40,13 @@ class FlushPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """What waits under one key: rows, bytes, and when its oldest entry was accepted."""
+    """What waits under one key: rows, bytes, when its oldest entry was accepted, whether a flush
+    barrier waits for some of it."""
 
     rows: int
     bytes: int
     oldest: float | None
+    covered: bool = False
 
 
 class Scheduler:
@@ -54,7 +58,7 @@ class Scheduler:
         self.held: collections.Counter[Key] = collections.Counter()  # of those, refused for the whole
         # table (it is missing, a grant is): they wait in backoff without taking a slot
         self.draining = False  # a drain began: flush young rows on a short interval
-        self.urgent = False  # refusing new rows, or a barrier waits: flush every key now
+        self.refusing = False  # no more rows come: flush every key now
 
     # ----- decisions ------------------------------------------------------------------------
 
@@ -69,7 +73,7 @@ class Scheduler:
             return True  # a full batch goes out even while another of the key's batches is in flight
         if self.busy[key]:
             return False  # a partial batch waits for the key's insert to finish, and grows meanwhile
-        if self.urgent:
+        if self.refusing or q.covered:
             return True
         return q.oldest is not None and now - q.oldest >= self.max_age()
 
@@ -87,7 +91,7 @@ class Scheduler:
             if self.busy[key] or not self.can_start(key) or q.oldest is None:
                 continue
             waits.append(q.oldest + self.max_age() - now)
-        if deadline is not None:
+        if deadline is not None and deadline > now:  # once past, only events matter: never spin on it
             waits.append(deadline - now)
         return max(0.0, min(waits)) if waits else None
 

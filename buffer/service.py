@@ -18,7 +18,7 @@ from buffer.api import ACCEPTED_MESSAGES_KEY, RETRY_AFTER_KEY
 from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
 from buffer.framing import check_request, refuse_header
-from buffer.ledger import Ledger
+from buffer.ledger import Fate, Ledger
 from buffer.refusals import BufferClosed, BufferFull, CommitFailed, InvalidRequest, Refusal, UnknownTable, Unsupported
 from buffer.ring import Entry, EntryFailed, Ring
 
@@ -109,17 +109,19 @@ class IngestService:
     async def _committed(self, entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises CommitFailed if any failed."""
         failed: list[str] = []
+        kept = False
         for entry in entries:
             assert entry.waiter is not None
             try:
                 await entry.waiter
             except EntryFailed as exc:
                 failed.append(str(exc))
+                kept = kept or (entry.outcome is not None and entry.outcome.fate is Fate.KEPT)
         if failed:
             more = f" (and {len(failed) - 3} more requests)" if len(failed) > 3 else ""
+            where = f". Dead-lettered rows, with ClickHouse's error, are in {self.dead_letters}" if kept else ""
             raise CommitFailed("rows were accepted but did not all reach ClickHouse: " + "; ".join(failed[:3]) + more
-                               + f". Dead-lettered rows, with ClickHouse's error, are in {self.dead_letters}",
-                               "commit_failed")
+                               + where, "commit_failed")
 
     async def _refuse(self, context: aio.ServicerContext[Any, Any], refusal: Refusal,
                       trailers: tuple[tuple[str, str], ...] = ()) -> None:

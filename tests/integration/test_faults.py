@@ -262,7 +262,7 @@ async def test_connection_cut_mid_request_is_retried_and_lands_once(
 @needs_test_endpoint
 @pytest.mark.parametrize(("code", "name"), [(252, "TOO_MANY_PARTS"), (241, "MEMORY_LIMIT_EXCEEDED"),
                                             (202, "TOO_MANY_SIMULTANEOUS_QUERIES"), (159, "TIMEOUT_EXCEEDED"),
-                                            (164, "READONLY"), (242, "TABLE_IS_READ_ONLY")])
+                                            (164, "READONLY"), (242, "TABLE_IS_READ_ONLY")])  # held: retried alike
 async def test_retryable_server_errors_back_off_and_succeed(
         clickhouse: ClickHouse, http_endpoint: HttpEndpoint, start_buffer: Callable[..., Any],
         code: int, name: str) -> None:
@@ -275,6 +275,30 @@ async def test_retryable_server_errors_back_off_and_succeed(
     assert clickhouse.count("t") == 10
     assert buf.app.flusher.stats.errors.get(name) == 3 and buf.app.flusher.stats.retries == 3
     report(f"{name} x3", clickhouse, 10)
+
+
+@needs_test_endpoint
+@pytest.mark.parametrize(("code", "name", "fix"), [
+    (497, "ACCESS_DENIED", "may not insert into"), (516, "AUTHENTICATION_FAILED", "rejected the credentials"),
+    (81, "UNKNOWN_DATABASE", "does not exist in ClickHouse")])
+async def test_errors_an_operator_fixes_hold_the_table_and_its_rows_land_once_fixed(
+        clickhouse: ClickHouse, http_endpoint: HttpEndpoint, start_buffer: Callable[..., Any], tmp_path: Any,
+        code: int, name: str, fix: str) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer(retry_initial_backoff="20ms", retry_max_backoff="50ms", flush_interval="50ms",
+                             tables="t")
+    endpoint_call(http_endpoint, f"/__faults?code={code}&count=30")  # until the operator grants, logs in, creates
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+    await stub.Write(pb.WriteRequest(table="t", format=J, rows=jrows(0, 10)))
+    barrier = asyncio.ensure_future(stub.Flush(pb.FlushRequest()))
+    await until(lambda: "t" in buf.app.flusher.held)
+    held = buf.app.flusher.held["t"]
+    assert held.error == name and fix in held.advice
+    done = await asyncio.wait_for(barrier, 30)
+    assert (done.rows_committed, done.rows_failed) == (10, 0) and clickhouse.count("t") == 10
+    assert buf.app.flusher.stats.errors.get(name) == 30, "retried, never split: one insert per attempt"
+    assert not list((tmp_path / "dead-letters").glob("*.jsonl")) and not buf.app.flusher.held
+    report(f"{name} x30 (held)", clickhouse, 10)
 
 
 @needs_test_endpoint

@@ -31,3 +31,14 @@ def test_rotates_and_stays_bounded_counting_deleted_rows(tmp_path: Path) -> None
     assert sum(p.stat().st_size for p in files) <= 3000 + 1000
     kept = sum(json.loads(line)["rows"] for p in files for line in p.read_text().splitlines())
     assert deleted > 0 and kept + deleted == 80, "every row is either kept or reported deleted"
+
+
+def test_an_earlier_runs_files_deleted_to_make_room_are_logged_not_put_in_this_runs_ledger(tmp_path: Path) -> None:
+    earlier = FileDeadLetters(str(tmp_path), max_file_bytes=1000, max_total_bytes=10**9)
+    for _ in range(10):
+        earlier.write([letter(b"x" * 200, rows=2)])
+    now = FileDeadLetters(str(tmp_path), max_file_bytes=1000, max_total_bytes=3000)
+    deleted = sum(now.write([letter(b"y" * 200, rows=2)]) for _ in range(40))
+    kept = sum(json.loads(line)["rows"] for p in now.files() for line in p.read_text().splitlines()
+               if json.loads(line)["data"].startswith("y"))
+    assert kept + deleted == 80, "this run's rows: kept, or reported deleted; the earlier run's are not its own"

@@ -535,9 +535,15 @@ async def test_rows_clickhouse_says_it_did_not_write_are_not_counted_as_committe
         rig_factory: Callable[..., Rig], caplog: pytest.LogCaptureFixture) -> None:
     rig = rig_factory(max_rows=10)
     rig.sink.written = lambda insert: insert.payload.count(b"\n") - 1  # one row of each insert skipped
-    rig.add(rows(10))
+    first, last = rows(6), rows(4)
+    last.waiter = asyncio.get_running_loop().create_future()
+    rig.add(first)
+    rig.add(last)
     await until(lambda: rig.ring.ledger.committed_rows == 9)
     assert rig.ring.ledger.failed == {Outcome(Reason.NOT_WRITTEN): 1} and rig.ring.ledger.lost_rows == 1
+    with pytest.raises(EntryFailed, match="1 of 4 rows were in an insert ClickHouse acknowledged but reported fewer"):
+        await last.waiter  # the shortfall is counted against the batch's last rows, and their writer hears it
+    assert first.state is State.COMMITTED
     assert any("ClickHouse wrote 9 of the 10 rows" in r.getMessage() for r in caplog.records)
 
 
@@ -547,3 +553,95 @@ async def test_a_deduplicated_insert_reports_no_rows_and_is_still_committed(rig_
     rig.add(rows(10))
     await until(lambda: rig.ring.ledger.committed_rows == 10)
     assert not rig.ring.ledger.failed
+
+
+async def test_cancelled_while_waiting_for_inserts_at_exit_it_still_accounts_for_every_row() -> None:
+    sink = MemorySink(gate=threading.Event())  # ClickHouse black-holed: the insert hangs
+    clock, lifecycle, ring, flusher = build(FlushPolicy(1, 10_000, 1.0), sink)
+    flusher.in_flight_grace = 30.0
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(5))
+    await until(lambda: not ring.queued_keys())
+    lifecycle.shutdown("test")
+    clock.advance(31)
+    await flusher.stop()
+    await asyncio.sleep(0.05)  # now waiting for the hung insert, as when the supervisor's budget runs out
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert ring.ledger.failed == {Outcome(Reason.IN_DOUBT_AT_EXIT): 5} and ring.ledger.held_rows == 0
+    assert ring.ledger.exit_code(crashed=False) == 3
+    assert sink.gate is not None
+    sink.gate.set()
+
+
+async def test_a_sidecar_past_its_deadline_but_still_accepting_keeps_retrying_instead_of_dropping() -> None:
+    sink = MemorySink(failures=[ClickHouseError(252, "TOO_MANY_PARTS")] * 3)
+    policy = FlushPolicy(10, 10_000, 1.0, initial_backoff=0.001, max_backoff=0.002)
+    clock, lifecycle, ring, flusher = build(policy, sink, mode="sidecar")
+    task = asyncio.create_task(flusher.run())
+    lifecycle.drain("POST /drain")
+    clock.advance(40)  # the app outlives the drain timeout (a grace period longer than it)
+    assert lifecycle.accepting and lifecycle.past_deadline()
+    assert flusher.scheduler.next_timeout(clock(), [], lifecycle.deadline) is None, "a past deadline: no spin"
+    ring.offer(rows(10))
+    await until(lambda: sink.rows() == 10)
+    assert not ring.ledger.failed, "rows taken after the deadline are still flushed, not given up"
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
+
+
+async def test_a_barrier_waiting_on_a_held_table_leaves_other_tables_batching() -> None:
+    sink = MissingTableSink({"events"})
+    policy = FlushPolicy(100, 1_000_000, 1.0, concurrency=2, initial_backoff=0.001, max_backoff=0.005)
+    clock, _, ring, flusher = build(policy, sink)
+    task = asyncio.create_task(flusher.run())
+    ring.offer(rows(3))
+    barrier = ring.barrier()
+    flusher.wake()
+    await until(lambda: "events" in flusher.held)
+    for _ in range(20):
+        ring.offer(rows(1, ("other", "JSONEachRow")))  # a trickle, each after the barrier
+        await asyncio.sleep(0.002)
+    assert sink.rows("other") == 0, "young rows the barrier does not cover wait for their age"
+    clock.advance(1.0)
+    flusher.wake()
+    await until(lambda: sink.rows("other") == 20)
+    assert len([i for i in sink.inserts if i.table == "other"]) == 1, "one insert, not one per request"
+    assert not barrier.done.done()
+    sink.missing.clear()
+    await asyncio.wait_for(barrier.done, 5)
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
+
+
+async def test_a_table_held_then_refusing_poison_rows_is_no_longer_reported_held() -> None:
+    class Sink(MissingTableSink):
+        def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
+            data = payload if isinstance(payload, bytes) else b"".join(payload)
+            if table not in self.missing and b"bad" in data:
+                raise ClickHouseError(27, POISON)
+            return super().insert(table, fmt, payload, token)
+
+    sink, store = Sink({"events"}), ListStore()
+    policy = FlushPolicy(10, 1_000_000, 1.0, initial_backoff=0.001, max_backoff=0.005)
+    clock, _, ring, flusher = build(policy, sink, dead_letters=store)
+    task = asyncio.create_task(flusher.run())
+    ring.offer(Entry(KEY, b'{"a":1}\n{"a":"bad"}\n' + b'{"a":2}\n' * 8, 10))
+    await until(lambda: "events" in flusher.held)
+    sink.missing.clear()  # created; one row of the batch is bad
+    await until(lambda: ring.rows == 0)
+    assert not flusher.held and len(store.letters) == 1 and sink.rows("events") == 9
+    await drain_to_exit(clock, flusher, task, past_deadline=False)
+
+
+async def test_with_one_slot_a_backlogged_table_takes_turns_with_the_others(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(max_rows=10, concurrency=1)
+    gate = rig.hold_inserts()
+    await rig.add_taken(rows(10))  # the only slot is busy
+    for _ in range(10):
+        rig.add(rows(10))  # a backlog of ten full batches
+    rig.add(rows(1, ("other", "JSONEachRow")))
+    rig.clock.advance(2)
+    gate.set()
+    await until(lambda: rig.sink.rows() == 111)
+    order = [i.table for i in rig.sink.inserts]
+    assert order.index("other") <= 2, f"served in turn, not after the whole backlog: {order}"

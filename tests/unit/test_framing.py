@@ -121,4 +121,5 @@ def test_a_csv_or_tsv_header_line_is_refused_with_advice_to_drop_it() -> None:
         assert info.value.reason == "header_line"
     refuse_header("CSV", b"1,id\n", columns)  # a data row that merely holds a column name
     refuse_header("CSV", b"id,other\n", columns)  # not every field is a column
+    refuse_header("CSV", b"id,id\n", columns)  # not every column is named
     refuse_header("TabSeparated", b"id,s\n", columns)  # the wrong separator: one field, not a column

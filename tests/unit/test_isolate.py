@@ -18,20 +18,21 @@ BAD = InsertFailure(Kind.POISON, 27, "Code: 27. cannot parse")
 class FakeInsert:
     """Refuses any payload holding b"bad"; records every attempt."""
 
-    def __init__(self, busy_after: int | None = None) -> None:
+    def __init__(self, busy_after: int | None = None, skips: bytes = b"") -> None:
         self.calls: list[tuple[bytes, str, int]] = []
         self.landed: list[bytes] = []
         self.busy_after = busy_after  # from this call on, answer as a server would while the deadline comes
+        self.skips = skips  # rows holding this are taken but not written (as input_format_allow_errors does)
 
-    async def __call__(self, parts: list[bytes], token: str, rows: int) -> InsertFailure | None:
+    async def __call__(self, parts: list[bytes], token: str, rows: int) -> tuple[InsertFailure | None, int]:
         data = b"".join(parts)
         self.calls.append((data, token, rows))
         if self.busy_after is not None and len(self.calls) > self.busy_after:
-            return InsertFailure(Kind.RETRY, 252, "too many parts")
+            return InsertFailure(Kind.RETRY, 252, "too many parts"), 0
         if b"bad" in data:
-            return BAD
+            return BAD, 0
         self.landed.append(data)
-        return None
+        return None, data.count(self.skips) if self.skips else 0
 
 
 def entries(*payloads: bytes) -> list[Entry]:
@@ -92,6 +93,14 @@ async def test_settle_gives_each_entry_its_outcomes_and_logs_one_line(caplog: py
     assert len(lines) == 2
     assert lines[0].startswith("split a batch of 3 rows for t to isolate rows ClickHouse refused: 2 landed, "
                                "1 dead-lettered to /var/dl")
+
+
+async def test_rows_clickhouse_took_but_did_not_write_are_counted_as_such() -> None:
+    batch = entries(b'{"a":1}\n{"a":"bad"}\n', b'{"a":"skip"}\n{"a":3}\n')
+    found = await isolate(batch, "JSONEachRow", "tok", BAD, FakeInsert(skips=b"skip"), lambda: False)
+    assert sum(found.good.values()) == 2 and sum(found.unwritten.values()) == 1
+    settled = settle(KEY, batch, "tok", found, stored=True, where="/var/dl")
+    assert sum(n for _, _, failed, _ in settled for o, n in failed.items() if o.reason is Reason.NOT_WRITTEN) == 1
 
 
 def test_split_rows_never_cuts_inside_a_quoted_csv_field() -> None:

@@ -24,34 +24,43 @@ def test_outcomes_read_as_label_and_words() -> None:
     assert str(Outcome(Reason.INTERNAL_ERROR)) == "internal_error"
 
 
-def test_exit_code_and_line_follow_what_was_lost() -> None:
+def ledger_of(committed: int, **failed: int) -> Ledger:
     ledger = Ledger()
-    ledger.accepted_rows = 10
-    ledger.commit(7, 70)
-    ledger.fail(Outcome(Reason.DEAD_LETTERED, "X"), 2)
-    ledger.fail(Outcome(Reason.DROPPED_OLDEST), 1)
-    assert ledger.exit_code(crashed=False) == EXIT_OK
-    assert ledger.exit_line(False, []) == ("exiting: 7 rows reached ClickHouse, 2 refused for their data are in the "
-                                           "dead-letter store, 1 were dropped as --when-full drop_oldest allows; "
-                                           "none was lost")
-    assert ledger.exit_code(crashed=True) == EXIT_CRASHED
-    ledger.fail(Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT), 3)
-    assert ledger.exit_code(crashed=False) == EXIT_ROWS_LOST and ledger.lost_rows == 3
-    assert ledger.exit_line(False, []) == \
+    ledger.accepted_rows = committed + sum(failed.values())
+    ledger.commit(committed, committed * 10)
+    for name, rows in failed.items():
+        reason, _, error = name.partition("__")
+        ledger.fail(Outcome(Reason(reason), error), rows)
+    return ledger
+
+
+def test_exit_code_and_line_follow_what_was_lost() -> None:
+    ok = ledger_of(7, dead_lettered__X=2, dropped_oldest=1)
+    assert ok.exit_code(crashed=False) == EXIT_OK and ok.exit_code(crashed=True) == EXIT_CRASHED
+    assert ok.exit_line(False, []) == ("exiting: 7 rows reached ClickHouse, 2 refused for their data are in the "
+                                       "dead-letter store, 1 were dropped as --when-full drop_oldest allows; "
+                                       "none was lost")
+    lost = ledger_of(7, dead_lettered__X=2, dropped_oldest=1, not_flushed_before_exit=3)
+    assert lost.exit_code(crashed=False) == EXIT_ROWS_LOST and lost.lost_rows == 3
+    assert lost.exit_line(False, []) == \
         "exiting with 3 accepted rows that did not reach ClickHouse (3 not flushed before exit)"
-    summary = ledger.summary()
+    summary = lost.summary()
     assert summary["rows_lost"] == 3 and summary["rows_dead_lettered"] == 2 and summary["rows_dropped"] == 1
     assert summary["rows_failed"] == {"dead_lettered:X": 2, "dropped_oldest": 1, "not_flushed_before_exit": 3}
 
 
-def test_rows_clickhouse_did_not_write_leave_the_committed_count_and_are_lost() -> None:
+def test_rows_held_at_exit_are_lost_and_deleted_dead_letters_leave_the_kept_count() -> None:
     ledger = Ledger()
     ledger.accepted_rows = 10
-    ledger.commit(10, 100)
-    ledger.not_written(3)
-    assert ledger.committed_rows == 7 and ledger.lost_rows == 3 and ledger.mismatched_batches == 1
-    assert ledger.accepted_rows == ledger.committed_rows + sum(ledger.failed.values()), "the books still balance"
-    assert "7 rows reached" not in ledger.exit_line(False, []), "never claims more than ClickHouse took"
+    ledger.commit(6, 60)
+    ledger.fail(Outcome(Reason.DEAD_LETTERED, "X"), 3)
+    assert ledger.held_rows == 1
+    assert ledger.exit_code(crashed=False) == EXIT_ROWS_LOST, "a row never settled is no success"
+    assert ledger.exit_line(False, []).endswith("(1 never settled)")
+    ledger.fail(Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT), 1)
+    ledger.fail(Outcome(Reason.DEAD_LETTERS_DELETED), 2)
+    assert ledger.held_rows == 0 and ledger.kept_rows == 1 and ledger.lost_rows == 3
+    assert ledger.summary()["rows_dead_lettered"] == 1
 
 
 def test_refusals_are_counted_by_reason() -> None:

@@ -14,15 +14,16 @@ def sched(concurrency: int = 2, **kw: float) -> Scheduler:
                                     **kw}))  # type: ignore[arg-type]
 
 
-def test_due_by_size_by_age_and_at_once_when_urgent() -> None:
+def test_due_by_size_by_age_and_at_once_when_refusing_or_a_barrier_waits() -> None:
     s = sched()
     assert not s.due(A, Queued(0, 0, None), 10.0), "nothing queued"
     assert s.due(A, Queued(100, 10, 10.0), 10.0), "max_rows"
     assert s.due(A, Queued(1, 1000, 10.0), 10.0), "max_bytes"
     assert not s.due(A, Queued(5, 50, 10.0), 10.9), "young"
     assert s.due(A, Queued(5, 50, 10.0), 11.0), "old"
-    s.urgent = True
-    assert s.due(A, Queued(5, 50, 10.0), 10.0), "refusing, or a barrier waits: now"
+    assert s.due(A, Queued(5, 50, 10.0, covered=True), 10.0), "a barrier waits for these rows: now"
+    s.refusing = True
+    assert s.due(A, Queued(5, 50, 10.0), 10.0), "refusing: now"
 
 
 def test_draining_flushes_young_rows_on_a_short_interval() -> None:
@@ -35,7 +36,7 @@ def test_draining_flushes_young_rows_on_a_short_interval() -> None:
 def test_a_partial_batch_waits_for_its_keys_insert_a_full_one_does_not() -> None:
     s = sched()
     s.started(A)
-    s.urgent = True
+    s.refusing = True
     assert not s.due(A, Queued(5, 50, 0.0), 100.0), "it grows while the insert runs"
     assert s.due(A, Queued(100, 50, 0.0), 100.0)
 
