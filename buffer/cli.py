@@ -206,6 +206,32 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wal(args: argparse.Namespace) -> int:
+    """inspect: what the log holds, as JSON (exit 0, or 2 when it is no log). check: the same, then
+    exit 1 when it found damage (a torn tail or corrupt records). Neither changes the log."""
+    from pathlib import Path
+
+    from buffer.wal import describe
+    from buffer.walformat import LogError
+
+    try:
+        info = describe(Path(args.path))
+    except (LogError, OSError) as exc:
+        print(f"ingest-buffer wal: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    damage = info["damage"]
+    if args.action == "check":
+        if damage["torn_bytes"] or damage["corrupt_records"]:
+            print(f"ingest-buffer wal check: damage in {args.path}: {damage['torn_bytes']} bytes of a torn last "
+                  f"write (cut off at the next start), {damage['corrupt_records']} corrupt places "
+                  f"({damage['corrupt_bytes']} bytes, skipped at start and counted as lost)", file=sys.stderr)
+            return 1
+        print(f"ingest-buffer wal check: {args.path} is whole: {info['unsettled']['rows']} rows to flush",
+              file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from buffer.demo import run_demo
 
@@ -267,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("statement", nargs="+", help="SQL statements, run in order, in --database")
     add_arguments(sql)
     sql.set_defaults(func=_sql)
+
+    wal = sub.add_parser("wal", help="look into a write-ahead log without starting the buffer")
+    wal.add_argument("action", choices=("inspect", "check"),
+                     help="inspect: what it holds (JSON); check: the same, exit 1 when damaged")
+    wal.add_argument("path", help="the log's directory (--wal-dir)")
+    wal.set_defaults(func=_wal)
 
     demo = sub.add_parser("demo", help="run the buffer on the embedded engine, send rows, show them land")
     demo.add_argument("--rows", type=int, default=100_000, help="rows to send")

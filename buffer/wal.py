@@ -1,0 +1,545 @@
+"""The write-ahead log: every accepted request on disk before (DURABLE) or soon after (BUFFERED) its OK.
+
+The event loop hands records to one writer thread and never waits on the disk itself. The writer
+takes everything queued (up to GROUP_BYTES), packs the consecutive requests of one (table, format)
+into one ROWS record, writes the group with one ``writev`` and, when a DURABLE writer or a batch
+waits in it (or BUFFERED data has waited ``sync_interval``), ``fdatasync``s once for all of them:
+*group commit*. Writers that arrive during an fsync share the next one; nothing waits on purpose.
+
+Bookkeeping lives in the writer thread too: which lsns each segment holds and how many are settled
+(DONE). Segments are deleted oldest first, once every request in them is settled — a DONE record
+for a segment's rows may sit in a later segment, so a later segment never goes before an earlier
+one — and the directory is fsynced on every create and delete. Deleting a settled segment is safe
+at any moment: a crash just after it leaves nothing that refers to rows still needed.
+
+At start, ``recover`` reads every segment (see ``walformat`` for what damage does), cuts a torn
+tail, and returns what is not settled: the batches that were in flight (to be resent with their
+recorded token and exactly their requests) and the ranges of requests still to flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buffer import walformat as fmt
+from buffer.walformat import Damage, Kind, Range, RowsRecord
+
+log = logging.getLogger(__name__)
+
+GROUP_BYTES = 1 << 20  # the most one group commit writes
+RECORD_BYTES = 256 * 1024  # the most one ROWS record packs (a single larger request is one record)
+_IOV_MAX = 1024
+
+Key = tuple[str, str]
+
+
+class LogFailed(OSError):
+    """The log could not be written or synced; the message names the directory and the error."""
+
+
+# ----- recovery ------------------------------------------------------------------------------------
+
+@dataclass
+class Part:
+    """One request found in the log."""
+
+    lsn: int
+    key: Key
+    rows: int
+    segment: int
+    offset: int
+    size: int
+
+
+@dataclass
+class PendingBatch:
+    token: str
+    parts: list[Part]  # in batch order
+    missing: int = 0  # requests the batch named that damage took
+
+
+@dataclass
+class SegmentInfo:
+    number: int
+    ranges: list[Range] = field(default_factory=list)  # the lsns of the requests it holds
+    requests: int = 0
+    settled: int = 0
+    size: int = 0
+
+    def add(self, first: int, n: int) -> None:
+        last = self.ranges[-1] if self.ranges else None
+        if last is not None and last[0] + last[1] == first:
+            self.ranges[-1] = (last[0], last[1] + n)
+        else:
+            self.ranges.append((first, n))
+        self.requests += n
+
+    def overlap(self, first: int, n: int) -> int:
+        """How many of the lsns first … first + n - 1 this segment holds."""
+        end = first + n
+        return sum(max(0, min(end, a + k) - max(first, a)) for a, k in self.ranges)
+
+
+@dataclass
+class Recovered:
+    instance: str
+    next_lsn: int
+    segments: list[SegmentInfo]
+    pending: list[PendingBatch]
+    unsettled: list[Part]  # requests to flush that no pending batch holds, in lsn order
+    damage: Damage = field(default_factory=Damage)
+    records: int = 0
+
+    @property
+    def unsettled_rows(self) -> int:
+        return sum(p.rows for p in self.unsettled) + sum(p.rows for b in self.pending for p in b.parts)
+
+
+def recover(directory: Path, *, repair: bool = True) -> Recovered:
+    """Reads the log; with ``repair``, cuts the last segment's torn tail (a crash mid-write)."""
+    meta = fmt.open_meta(directory, create=repair)
+    numbers = fmt.segment_numbers(directory)
+    damage = Damage()
+    parts: dict[int, Part] = {}
+    batches: list[tuple[str, list[Range]]] = []
+    done: list[Range] = []
+    segments: list[SegmentInfo] = []
+    records = 0
+    max_lsn = 0
+    for i, number in enumerate(numbers):
+        path = directory / fmt.segment_name(number)
+        view = memoryview(path.read_bytes())  # one segment at a time: at most --wal-segment-bytes
+        seg = SegmentInfo(number, size=len(view))
+        local = Damage()
+        good_end = 0
+        for record in fmt.scan(view, local):
+            records += 1
+            good_end = record.offset + fmt.HEADER.size + len(record.body)
+            try:
+                if record.kind is Kind.ROWS:
+                    rows = fmt.decode_rows(record.body, record.offset + fmt.HEADER.size)
+                    _add_rows(parts, seg, rows, (rows.table, rows.fmt))
+                    max_lsn = max(max_lsn, rows.last_lsn)
+                elif record.kind is Kind.BATCH:
+                    batches.append(fmt.decode_batch(record.body))
+                else:
+                    done.extend(fmt.decode_done(record.body))
+            except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+                # A checksum that holds over a body this build cannot read: a bug or a foreign
+                # writer. Skip the record, count it, never crash on it.
+                local.corrupt_records += 1
+                local.corrupt_bytes += fmt.HEADER.size + len(record.body)
+        last = i == len(numbers) - 1
+        if local.torn_bytes and not last:
+            local.corrupt_bytes += local.torn_bytes  # a finished segment was synced whole: this is damage
+            local.corrupt_records += 1
+            local.torn_bytes = 0
+        if local.torn_bytes and repair:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                os.fsync(f.fileno())
+            seg.size = good_end
+        damage.torn_bytes += local.torn_bytes
+        damage.corrupt_bytes += local.corrupt_bytes
+        damage.corrupt_records += local.corrupt_records
+        segments.append(seg)
+    for first, n in done + [r for _, rs in batches for r in rs]:
+        max_lsn = max(max_lsn, first + n - 1)
+    settled = _settle(parts, done, segments)
+    pending = []
+    for token, ranges in batches:
+        lsns = [lsn for first, n in ranges for lsn in range(first, first + n)]
+        if all(lsn in settled for lsn in lsns):
+            continue
+        found = [parts[lsn] for lsn in lsns if lsn in parts]
+        if found:
+            pending.append(PendingBatch(token, found, missing=len(lsns) - len(found)))
+    in_batches = {p.lsn for b in pending for p in b.parts}
+    unsettled = [p for lsn, p in sorted(parts.items()) if lsn not in settled and lsn not in in_batches]
+    return Recovered(str(meta["instance"]), max_lsn + 1, segments, pending, unsettled, damage, records)
+
+
+def _add_rows(parts: dict[int, Part], seg: SegmentInfo, rows: RowsRecord, key: Key) -> None:
+    for i, (n, offset, size) in enumerate(rows.parts):
+        lsn = rows.first_lsn + i
+        parts[lsn] = Part(lsn, key, n, seg.number, offset, size)
+    seg.add(rows.first_lsn, len(rows.parts))
+
+
+def _settle(parts: dict[int, Part], done: list[Range], segments: list[SegmentInfo]) -> set[int]:
+    by_number = {s.number: s for s in segments}
+    settled: set[int] = set()
+    for first, n in done:
+        for lsn in range(first, first + n):
+            part = parts.get(lsn)
+            if part is not None and lsn not in settled:
+                settled.add(lsn)
+                by_number[part.segment].settled += 1
+    return settled
+
+
+def read_part(directory: Path, part: Part) -> bytes:
+    """A request's payload, read back from its segment (a worker thread calls this)."""
+    with open(directory / fmt.segment_name(part.segment), "rb") as f:
+        return os.pread(f.fileno(), part.size, part.offset)
+
+
+# ----- the writer ----------------------------------------------------------------------------------
+
+# What the event loop queues for the writer: (kind, key, lsn, rows, payload, waiter).
+# ROWS: key, lsn, rows, payload; BATCH: key = token, payload = ranges; DONE: payload = ranges;
+# SYNC (kind 0): only a waiter. A waiter is a future resolved after the fsync that covers the item.
+Item = tuple[int, Any, int, int, Any, "asyncio.Future[None] | None"]
+_SYNC = 0
+
+
+@dataclass
+class WalStats:
+    bytes_written: int = 0
+    fsyncs: int = 0
+    fsync_seconds: list[float] = field(default_factory=list)  # drained by telemetry
+    groups: list[int] = field(default_factory=list)  # items per group commit, drained by telemetry
+    segments_deleted: int = 0
+
+
+class Writer:
+    """The log's one writing thread, and the segment bookkeeping it alone touches."""
+
+    def __init__(self, directory: Path, recovered: Recovered, *, segment_bytes: int, sync_interval: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.sync_interval = sync_interval
+        self.loop = loop
+        self.stats = WalStats()
+        self.error: LogFailed | None = None
+        self.disk_bytes = sum(s.size for s in recovered.segments)
+        self._segments = recovered.segments
+        self._queue: collections.deque[Item] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._unsynced_since: float | None = None
+        self._fd = -1
+        self._size = 0
+        self._open_segment((recovered.segments[-1].number + 1) if recovered.segments else 1)
+        self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
+
+    # ----- the loop's side (cheap: an append and, when the writer sleeps, a wake-up) ---------
+
+    def put(self, item: Item) -> None:
+        self._queue.append(item)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Writes and syncs what is queued, then stops the thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # ----- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stop:
+                    self._sync([])
+                    return
+                timeout = None
+                if self._unsynced_since is not None:
+                    timeout = max(0.0, self._unsynced_since + self.sync_interval - time.monotonic())
+                self._wake.wait(timeout)
+            self._wake.clear()  # before taking: a put after this wakes the next wait at once
+            group = self._take()
+            waiters = [item[5] for item in group if item[5] is not None]
+            try:
+                self._write(group)
+                if waiters or (self._unsynced_since is not None
+                               and time.monotonic() - self._unsynced_since >= self.sync_interval):
+                    self._sync(waiters)
+                if self._size >= self.segment_bytes:
+                    self._rotate()
+            except OSError as exc:
+                self._failed(exc, waiters)
+
+    def _take(self) -> list[Item]:
+        group: list[Item] = []
+        size = 0
+        while self._queue and size < GROUP_BYTES:
+            item = self._queue.popleft()
+            group.append(item)
+            if item[0] == Kind.ROWS:
+                size += len(item[4])
+        return group
+
+    def _write(self, group: list[Item]) -> None:
+        buffers: list[bytes] = []
+        written: list[Range] = []
+        settles: list[Range] = []
+        i = 0
+        while i < len(group):
+            kind = group[i][0]
+            if kind == Kind.ROWS:
+                j, parts = self._pack(group, i)
+                key, first = group[i][1], group[i][2]
+                buffers += fmt.rows_record(first, key[1], key[0], parts)
+                written.append((first, len(parts)))
+                i = j
+                continue
+            item = group[i]
+            if kind == Kind.BATCH:
+                buffers += fmt.batch_record(item[1], item[4])
+            elif kind == Kind.DONE:
+                buffers += fmt.done_record(item[4])
+                settles += item[4]
+            i += 1
+        if buffers:
+            self._writev(buffers)
+            if self._unsynced_since is None:
+                self._unsynced_since = time.monotonic()
+        for first, n in written:  # counted once on disk: a failed write leaves no request behind
+            self._segments[-1].add(first, n)
+        self.stats.groups.append(len(group))
+        if settles:
+            self._settle(settles)
+
+    def _pack(self, group: list[Item], i: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """Consecutive requests of one key with consecutive lsns, as the parts of one ROWS record."""
+        key, lsn = group[i][1], group[i][2]
+        parts = [(group[i][3], group[i][4])]
+        size = len(group[i][4])
+        j = i + 1
+        while (j < len(group) and group[j][0] == Kind.ROWS and group[j][1] == key and group[j][2] == lsn + 1
+               and size + len(group[j][4]) <= RECORD_BYTES and len(parts) < 65535):
+            lsn += 1
+            parts.append((group[j][3], group[j][4]))
+            size += len(group[j][4])
+            j += 1
+        return j, parts
+
+    def _writev(self, buffers: list[bytes]) -> None:
+        total = sum(len(b) for b in buffers)
+        start = self._size
+        try:
+            for k in range(0, len(buffers), _IOV_MAX):
+                chunk = buffers[k:k + _IOV_MAX]
+                want = sum(len(b) for b in chunk)
+                done = os.writev(self._fd, chunk)
+                while done < want:  # a short write: finish it
+                    rest = b"".join(chunk)[done:]
+                    done += os.write(self._fd, rest)
+        except OSError:
+            # Leave no half record behind: the next write starts where the last whole one ended.
+            os.ftruncate(self._fd, start)
+            os.lseek(self._fd, start, os.SEEK_SET)
+            raise
+        self._size += total
+        self.disk_bytes += total
+        self.stats.bytes_written += total
+
+    def _sync(self, waiters: list[asyncio.Future[None]]) -> None:
+        if self._unsynced_since is not None:
+            t0 = time.perf_counter()
+            os.fdatasync(self._fd)
+            self.stats.fsync_seconds.append(time.perf_counter() - t0)
+            self.stats.fsyncs += 1
+            self._unsynced_since = None
+        self.error = None
+        if waiters:
+            self.loop.call_soon_threadsafe(_resolve, waiters, None)
+
+    def _failed(self, exc: OSError, waiters: list[asyncio.Future[None]]) -> None:
+        error = LogFailed(exc.errno, f"the write-ahead log in {self.directory} cannot be written: "
+                                     f"{os.strerror(exc.errno) if exc.errno else exc}")
+        if self.error is None:
+            log.error("%s; DURABLE writes are refused until it can", error.strerror,
+                      extra={"wal_dir": str(self.directory)})
+        self.error = error
+        if waiters:
+            self.loop.call_soon_threadsafe(_resolve, waiters, error)
+
+    def _open_segment(self, number: int) -> None:
+        path = self.directory / fmt.segment_name(number)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fmt.fsync_dir(self.directory)
+        self._size = 0
+        self._segments.append(SegmentInfo(number))
+
+    def _rotate(self) -> None:
+        self._sync([])
+        os.close(self._fd)
+        self._fd = -1
+        self._open_segment(self._segments[-1].number + 1)
+        self._delete_settled()
+
+    def _settle(self, ranges: list[Range]) -> None:
+        # A handful of segments and of ranges per DONE: a plain scan is cheaper than an index.
+        for first, n in ranges:
+            for seg in self._segments:
+                seg.settled += seg.overlap(first, n)
+        self._delete_settled()
+
+    def _delete_settled(self) -> None:
+        deleted = False
+        while len(self._segments) > 1 and self._segments[0].settled >= self._segments[0].requests:
+            seg = self._segments.pop(0)
+            path = self.directory / fmt.segment_name(seg.number)
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                size = 0  # already gone: a crash between the unlink and the next start
+            self.disk_bytes -= size
+            self.stats.segments_deleted += 1
+            deleted = True
+        if deleted:
+            fmt.fsync_dir(self.directory)
+
+
+def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in waiters:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+            fut.exception()  # a writer that stopped waiting must not leave "never retrieved" behind
+
+
+# ----- the loop's face ---------------------------------------------------------------------------
+
+class WriteAheadLog:
+    """What the rest of the buffer calls, on the event loop: append, log a batch, settle."""
+
+    def __init__(self, directory: str | Path, *, segment_bytes: int = 64 << 20, sync_interval: float = 0.1,
+                 max_bytes: int = 1 << 30) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.sync_interval = sync_interval
+        self.max_bytes = max_bytes
+        self.lock = fmt.DirectoryLock(self.directory)
+        self.recovered: Recovered | None = None
+        self.instance = ""
+        self.run = uuid.uuid4().hex[:8]
+        self._writer: Writer | None = None
+        self._next_lsn = 1
+
+    def open(self) -> Recovered:
+        """Locks the directory and reads what is in it; raises LogError for what must stop the start."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            recovered = recover(self.directory)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.recovered = recovered
+        self.instance = recovered.instance
+        self._next_lsn = recovered.next_lsn
+        return recovered
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.recovered is not None, "open() first"
+        self._writer = Writer(self.directory, self.recovered, segment_bytes=self.segment_bytes,
+                              sync_interval=self.sync_interval, loop=loop)
+        self._writer.start()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.lock.release()
+
+    @property
+    def writer(self) -> Writer:
+        assert self._writer is not None
+        return self._writer
+
+    @property
+    def error(self) -> LogFailed | None:
+        return self._writer.error if self._writer is not None else None
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._writer.disk_bytes if self._writer is not None else 0
+
+    def token(self, first_lsn: int, last_lsn: int) -> str:
+        """A new batch's deduplication token: this log's instance, this run, its requests."""
+        return f"{self.instance}-{self.run}-{first_lsn}-{last_lsn}"
+
+    def append(self, key: Key, payload: bytes, rows: int, durable: bool) -> tuple[int, asyncio.Future[None] | None]:
+        """Queues one request; returns its lsn and, when ``durable``, a future set once it is fsynced."""
+        lsn = self._next_lsn
+        self._next_lsn = lsn + 1
+        fut = asyncio.get_running_loop().create_future() if durable else None
+        self.writer.put((Kind.ROWS, key, lsn, rows, payload, fut))
+        return lsn, fut
+
+    def log_batch(self, token: str, lsns: list[int]) -> asyncio.Future[None]:
+        """Records a batch's token and requests; the future is set once that is fsynced."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writer.put((Kind.BATCH, token, 0, 0, fmt.to_ranges(lsns), fut))
+        return fut
+
+    def settle(self, lsns: list[int], durable: bool = False) -> asyncio.Future[None] | None:
+        if not lsns:
+            return None
+        fut = asyncio.get_running_loop().create_future() if durable else None
+        self.writer.put((Kind.DONE, None, 0, 0, fmt.to_ranges(lsns), fut))
+        return fut
+
+    def sync(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writer.put((_SYNC, None, 0, 0, None, fut))
+        return fut
+
+
+# ----- inspection ----------------------------------------------------------------------------------
+
+def describe(directory: Path) -> dict[str, Any]:
+    """What a log holds, read-only (``ingest-buffer wal inspect``)."""
+    recovered = recover(directory, repair=False)
+    tables: dict[str, dict[str, int]] = {}
+    for part in _all_unsettled(recovered):
+        t = tables.setdefault(f"{part.key[0]} ({part.key[1]})", {"requests": 0, "rows": 0, "bytes": 0})
+        t["requests"] += 1
+        t["rows"] += part.rows
+        t["bytes"] += part.size
+    oldest = min((p.lsn for p in _all_unsettled(recovered)), default=None)
+    return {
+        "directory": str(directory), "instance": recovered.instance, "format": fmt.FORMAT_VERSION,
+        "segments": [{"name": fmt.segment_name(s.number), "bytes": s.size, "requests": s.requests,
+                      "settled": s.settled} for s in recovered.segments],
+        "records": recovered.records, "bytes": sum(s.size for s in recovered.segments),
+        "unsettled": {"rows": recovered.unsettled_rows, "tables": tables, "oldest_lsn": oldest,
+                      "batches_in_flight": [{"token": b.token, "requests": len(b.parts), "missing": b.missing}
+                                            for b in recovered.pending]},
+        "damage": {"torn_bytes": recovered.damage.torn_bytes, "corrupt_bytes": recovered.damage.corrupt_bytes,
+                   "corrupt_records": recovered.damage.corrupt_records},
+        "next_lsn": recovered.next_lsn,
+    }
+
+
+def _all_unsettled(recovered: Recovered) -> Iterator[Part]:
+    yield from recovered.unsettled
+    for batch in recovered.pending:
+        yield from batch.parts
+
+
+Clock = Callable[[], float]
