@@ -201,7 +201,7 @@ def test_a_newer_format_a_foreign_directory_and_a_second_process_are_refused(tmp
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("hello")
-    with pytest.raises(fmt.LogError, match="is not a write-ahead log .* give --wal-dir a directory of its own"):
+    with pytest.raises(fmt.LogError, match=r"is not a write-ahead log .* give --wal-dir a directory of its own"):
         WriteAheadLog(foreign).open()
     first = WriteAheadLog(tmp_path / "shared")
     first.open()
@@ -234,8 +234,7 @@ async def test_describe_says_what_the_log_holds_without_changing_it(tmp_path: Pa
         await wal.append(KEY, row(i), 1, durable=True)[1]  # type: ignore[misc]
     wal.close()
     seg = _segment_last(tmp_path)
-    with open(seg, "ab") as f:
-        f.write(b"IBW1\x00\x00")  # a torn tail
+    seg.write_bytes(seg.read_bytes() + b"IBW1\x00\x00")  # a torn tail
     before = seg.read_bytes()
     info = describe(tmp_path)
     assert info["unsettled"]["rows"] == 5 and info["unsettled"]["tables"] == {
