@@ -27,8 +27,9 @@ from buffer.config import Config, parse_listen
 from buffer.deadletter import FileDeadLetters, TableDeadLetters
 from buffer.errors import clean_message
 from buffer.flusher import Flusher
-from buffer.ledger import EXIT_CONFIG, EXIT_CRASHED, EXIT_OK, EXIT_ROWS_LOST, Ledger
+from buffer.ledger import EXIT_CONFIG, EXIT_CRASHED, EXIT_KEPT_IN_LOG, EXIT_OK, EXIT_ROWS_LOST, Ledger
 from buffer.lifecycle import Lifecycle
+from buffer.replay import Replay
 from buffer.ring import Ring, WhenFull
 from buffer.routes import AdminRoutes
 from buffer.routines import PeriodicRoutine, Routine, Supervisor
@@ -37,10 +38,12 @@ from buffer.server import GrpcServer
 from buffer.service import IngestService
 from buffer.sink import ClickHouseSink, Sink
 from buffer.telemetry import Telemetry
+from buffer.wal import WriteAheadLog
+from buffer.walformat import LogError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXIT_CONFIG", "EXIT_CRASHED", "EXIT_OK", "EXIT_ROWS_LOST", "App"]
+__all__ = ["EXIT_CONFIG", "EXIT_CRASHED", "EXIT_KEPT_IN_LOG", "EXIT_OK", "EXIT_ROWS_LOST", "App"]
 
 
 class App:
@@ -64,31 +67,42 @@ class App:
                              cfg.retry_initial_backoff, cfg.retry_max_backoff)
         self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock, ledger=self.ledger,
                          batch_rows=policy.max_rows, batch_bytes=policy.max_bytes)
+        self.wal = WriteAheadLog(cfg.wal_dir, segment_bytes=cfg.wal_segment_bytes, sync_interval=cfg.wal_sync_interval,
+                                 max_bytes=cfg.wal_max_bytes) if cfg.wal_dir else None
         self.flusher = Flusher(self.ring, self.sink, policy, self.lifecycle, clock=clock,
                                on_batch=metrics.batch_recorder(self.telemetry), tracer=self.telemetry.tracer,
-                               dead_letters=dead_letters, dead_letters_where=where, database=database, user=user)
+                               dead_letters=dead_letters, dead_letters_where=where, database=database, user=user,
+                               wal=self.wal)
         self.catalog = TableCatalog(cfg.tables, self.sink.schema, database)
         self.service = IngestService(self.ring, self.catalog, max_request_bytes=cfg.max_request_bytes,
                                      block_timeout=cfg.block_timeout, on_barrier=self.flusher.wake,
-                                     dead_letters=where)
+                                     dead_letters=where, wal=self.wal)
         self.grpc = GrpcServer(cfg.grpc_listen, self.service, self.lifecycle)
         http = parse_listen(cfg.http_listen)
         assert not isinstance(http, str)
         self.admin = AdminServer(http[0], http[1], AdminRoutes(self.lifecycle, self.ring, self.flusher,
                                                                self.telemetry).table(),
                                  local_only=frozenset({("POST", "/drain")}))
-        # Stopped in reverse: metrics snapshots outlive the flusher, so OTLP sees the whole drain.
+        self.replay: Replay | None = None
+        self.signals = signals
+        self.supervisor: Supervisor | None = None
+        self._stop_requested = False
+        metrics.register(self.telemetry, self.ledger, self.ring, self.flusher, self.lifecycle, self.wal,
+                         lambda: self.replay)
+
+    def _supervisor(self) -> Supervisor:
+        # Stopped in reverse: metrics snapshots outlive the flusher, so OTLP sees the whole drain; the
+        # replay stops before the flusher, which then counts what it left in the log.
         routines: list[Routine] = [
             self.admin,
             PeriodicRoutine("metrics-snapshot", 1.0, self._snapshot, "could not take a metrics snapshot"),
             self.flusher,
+            *([self.replay] if self.replay is not None else []),
             PeriodicRoutine("table-catalog", 30.0, self.catalog.refresh, "could not refresh the list of ClickHouse "
                             "tables"),
             self.grpc]
-        self.supervisor = Supervisor(routines, signals=signals, on_signal=self._on_signal,
-                                     on_crash=lambda r, exc: self.lifecycle.crash(r.name, exc),
-                                     force_exit=self._force_exit)
-        metrics.register(self.telemetry, self.ledger, self.ring, self.flusher, self.lifecycle)
+        return Supervisor(routines, signals=self.signals, on_signal=self._on_signal,
+                          on_crash=lambda r, exc: self.lifecycle.crash(r.name, exc), force_exit=self._force_exit)
 
     def ready(self) -> bool:
         return self.lifecycle.ready
@@ -99,10 +113,19 @@ class App:
             log.warning("%s", warning)
         if self.cfg.is_embedded and not await self._open_embedded():
             return EXIT_CONFIG
+        if self.wal is not None and not await self._open_log(self.wal):
+            return EXIT_CONFIG
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.catalog.refresh(), 10.0)
         await self.run_startup_checks()
-        clean = await self.supervisor.run()
+        self.supervisor = self._supervisor()
+        if self._stop_requested:
+            self.supervisor.request_stop()
+        try:
+            clean = await self.supervisor.run()
+        finally:
+            if self.wal is not None:
+                await asyncio.to_thread(self.wal.close)  # what is queued is written and synced first
         self.lifecycle.stop()
         if self.lifecycle.drained_in is not None:
             self.telemetry.drain_duration.record(self.lifecycle.drained_in)
@@ -113,9 +136,36 @@ class App:
         summary = {**self.ledger.summary(), "drain_seconds": None if self.lifecycle.drained_in is None
                    else round(self.lifecycle.drained_in, 3)}
         code = self.ledger.exit_code(crashed)
-        (log.info if code == EXIT_OK else log.error)(
-            "%s", self.ledger.exit_line(crashed, self.lifecycle.crashed + self.lifecycle.faults), extra=summary)
+        line = self.ledger.exit_line(crashed, self.lifecycle.crashed + self.lifecycle.faults,
+                                     str(self.wal.directory) if self.wal is not None else "")
+        {EXIT_OK: log.info, EXIT_KEPT_IN_LOG: log.warning}.get(code, log.error)("%s", line, extra=summary)
         return code
+
+    async def _open_log(self, wal: WriteAheadLog) -> bool:
+        """Opens the log and reads what it holds; False (exit 2) when it cannot be used as it is."""
+        try:
+            recovered = await asyncio.to_thread(wal.open)
+        except LogError as exc:
+            log.error("%s", exc, extra={"wal_dir": str(wal.directory)})
+            return False
+        except OSError as exc:
+            log.error("cannot open the write-ahead log in %s: %s; give --wal-dir a writable directory", wal.directory,
+                      exc, extra={"wal_dir": str(wal.directory)})
+            return False
+        damage = recovered.damage
+        if damage.corrupt_records:
+            log.error("the write-ahead log in %s has %d damaged places (%d bytes) that could not be trusted: "
+                      "their rows are skipped and lost; the rest is replayed", wal.directory,
+                      damage.corrupt_records, damage.corrupt_bytes,
+                      extra={"wal_corrupt_bytes": damage.corrupt_bytes, "wal_corrupt_records": damage.corrupt_records})
+        if damage.torn_bytes:
+            log.warning("the write-ahead log in %s ended in a torn write (%d bytes, from a crash mid-write); cut off",
+                        wal.directory, damage.torn_bytes, extra={"wal_torn_bytes": damage.torn_bytes})
+        log.info("write-ahead log in %s: %d segments, %d rows to replay", wal.directory, len(recovered.segments),
+                 recovered.unsettled_rows, extra={"wal_dir": str(wal.directory)})
+        wal.start(asyncio.get_running_loop())
+        self.replay = Replay(wal, recovered, self.ring)
+        return True
 
     async def _open_embedded(self) -> bool:
         """The embedded engine either opens now or never will (its path is locked by another process):
@@ -144,7 +194,9 @@ class App:
     def stop(self) -> None:
         """Starts a drain and a shutdown, as SIGTERM does (for embedding and tests)."""
         self.lifecycle.terminate("SIGTERM")
-        self.supervisor.request_stop()
+        self._stop_requested = True
+        if self.supervisor is not None:
+            self.supervisor.request_stop()
 
     async def _snapshot(self) -> None:
         self.telemetry.snapshot()

@@ -130,6 +130,14 @@ SETTINGS: tuple[Setting, ...] = (
             "also a ClickHouse table for refused rows (schema in the README); files stay the fallback"),
     Setting("dead_letter_max_bytes", 1024**3,
             "size bound of the dead-letter directory; past it the oldest file goes (counted as lost)", parse_size),
+    Setting("wal_dir", "",
+            "write-ahead log directory: every accepted row goes to disk, DURABLE acks wait for its fsync, and "
+            "what was not flushed comes back after a crash or restart; empty = no log"),
+    Setting("wal_max_bytes", 1024**3, "disk bound of the write-ahead log; past it, writes are refused as full",
+            parse_size),
+    Setting("wal_sync_interval", 0.1, "the longest a BUFFERED row waits in the page cache for its fsync",
+            parse_duration),
+    Setting("wal_segment_bytes", 64 * 1024**2, "size at which the log starts a new segment file", parse_size),
     Setting("event_loop", "auto", "asyncio event loop: uvloop (faster gRPC handling), asyncio, or auto "
             "(uvloop when installed)", choices=("auto", "uvloop", "asyncio")),
     Setting("log_level", "info", "log level", choices=LOG_LEVELS),
@@ -170,6 +178,10 @@ class Config:
     dead_letter_dir: str
     dead_letter_table: str
     dead_letter_max_bytes: int
+    wal_dir: str
+    wal_max_bytes: int
+    wal_sync_interval: float
+    wal_segment_bytes: int
     event_loop: str
     log_level: str
     log_format: str
@@ -319,7 +331,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 _POSITIVE = ("buffer_max_bytes", "buffer_max_rows", "max_request_bytes", "flush_max_rows", "flush_max_bytes",
              "flush_interval", "insert_timeout", "retry_initial_backoff", "retry_max_backoff", "drain_timeout",
-             "dead_letter_max_bytes", "flush_concurrency")
+             "dead_letter_max_bytes", "flush_concurrency", "wal_max_bytes", "wal_sync_interval", "wal_segment_bytes")
 
 
 def _validate(cfg: Config) -> None:

@@ -35,18 +35,20 @@ from buffer.deadletter import DeadLetterStore
 from buffer.errors import InsertFailure
 from buffer.inserter import Attempted, FlushStats, Held, Inserter
 from buffer.isolate import Settlement, isolate, settle
-from buffer.ledger import Outcome, Reason
+from buffer.ledger import Fate, Outcome, Reason
 from buffer.lifecycle import Lifecycle, Phase
 from buffer.ring import Entry, Key, Ring, State
 from buffer.routines import Routine
 from buffer.schedule import FlushPolicy, Queued, Scheduler
 from buffer.sink import Sink
+from buffer.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 
 # At exit, how long inserts already sent may take to finish before their rows count as in doubt.
 IN_FLIGHT_GRACE = 2.0
 _NOT_FLUSHED = Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
+_IN_LOG = Outcome(Reason.KEPT_IN_LOG)
 
 __all__ = ["BatchResult", "FlushPolicy", "Flusher"]
 
@@ -81,7 +83,7 @@ class Flusher(Routine):
                  clock: Callable[[], float] = time.monotonic, instance: str | None = None,
                  on_batch: Callable[[BatchResult], None] | None = None, tracer: trace.Tracer | None = None,
                  dead_letters: DeadLetterStore | None = None, dead_letters_where: str = "the dead-letter store",
-                 database: str = "default", user: str = "") -> None:
+                 database: str = "default", user: str = "", wal: WriteAheadLog | None = None) -> None:
         self.ring = ring
         self.ledger = ring.ledger
         self.policy = policy
@@ -103,6 +105,12 @@ class Flusher(Routine):
         self._batch_numbers = itertools.count()
         self._last_started: dict[Key, int] = {}  # key → number of its latest batch
         self.lifecycle.subscribe(self._phase_changed)
+        # With a log, rows that cannot be flushed before exit stay in it (the next start sends them)
+        # and whatever settles is recorded there; without one, rows left at exit are lost.
+        self.wal = wal
+        self._unflushed = _IN_LOG if wal is not None else _NOT_FLUSHED
+        if wal is not None:
+            ring.on_dropped = lambda entry: wal.settle(entry.lsns())
 
     @property
     def stats(self) -> FlushStats:
@@ -211,22 +219,37 @@ class Flusher(Routine):
         doubt = sum(e.rows for batch in doubtful for e in batch if e.state is State.IN_FLIGHT)
         if doubt:
             for batch in doubtful:
-                self.ring.release(batch, Outcome(Reason.IN_DOUBT_AT_EXIT))
+                self.ring.release(batch, _IN_LOG if self.wal is not None else Outcome(Reason.IN_DOUBT_AT_EXIT))
             log.error("%d rows were being inserted when the drain deadline passed; ClickHouse may or may not "
-                      "have them (their deduplication token makes a replay safe)", doubt,
+                      "have them (%s)", doubt, "the next start resends them under the same deduplication token"
+                      if self.wal is not None else "their deduplication token makes a replay safe",
                       extra={"rows_in_doubt": doubt})
-        lost = self.ring.fail_outstanding(_NOT_FLUSHED)
-        if lost:
+        left = self.ring.fail_outstanding(self._unflushed)
+        if left and self.wal is not None:
+            log.warning("%d rows were not flushed to ClickHouse before the drain deadline; they stay in the "
+                        "write-ahead log in %s and the next start flushes them", left, self.wal.directory,
+                        extra={"rows_kept_in_log": left})
+        elif left:
+            lost = left
             held = f" (held tables: {', '.join(sorted(self.held))})" if self.held else ""
             log.error("%d rows were not flushed to ClickHouse before the drain deadline; they are lost%s "
-                      "(raise --drain-timeout and the pod's terminationGracePeriodSeconds)", lost, held,
-                      extra={"rows_not_flushed": lost})
+                      "(raise --drain-timeout and the pod's terminationGracePeriodSeconds, or keep them in a "
+                      "write-ahead log: --wal-dir)", lost, held, extra={"rows_not_flushed": lost})
         self.inserter.shutdown()
 
     # ----- one batch ------------------------------------------------------------------------
 
     def token(self, batch: list[Entry]) -> str:
-        return f"{self.instance}-{batch[0].seq}-{batch[-1].seq}"
+        """The batch's deduplication token: recorded, for a batch resent after a restart; else from
+        the log's instance and its requests' numbers (stable names, unique for the log's life), or
+        without a log from this process's instance and the entries' places in the buffer."""
+        head = batch[0]
+        if head.replay_token is not None:
+            return head.replay_token
+        if self.wal is not None:
+            lsns = [lsn for e in batch for lsn in e.lsns()]
+            return self.wal.token(min(lsns), max(lsns))
+        return f"{self.instance}-{head.seq}-{batch[-1].seq}"
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key
@@ -244,6 +267,7 @@ class Flusher(Routine):
             # The requests' payloads, not joined here: the sink joins them (in its worker thread)
             # only where it needs one body, and the embedded engine needs none.
             payload = [data for e in batch for data, _ in e.parts()]
+            await self._log_batch(batch, token)
             done = await self.inserter.insert(key, payload, token, rows)
             failure, attempts = done.failure, done.attempts
             if failure is None:
@@ -259,9 +283,10 @@ class Flusher(Routine):
                          extra={"table": table, "format": fmt, "rows": rows, "bytes": size, "attempts": attempts,
                                 "seconds": round(time.monotonic() - t0, 4), "token": token})
             elif failure.retryable:  # the deadline came while retrying
-                self.ring.release(batch, _NOT_FLUSHED)
+                self.ring.release(batch, self._unflushed)
             else:
                 self.ring.settle(await self._isolate(key, batch, token, failure))
+            self._settle_in_log(batch)
             settled = True
         finally:
             # Not settled: cancelled mid-insert at exit (_finish counts these rows), or raised
@@ -291,6 +316,25 @@ class Flusher(Routine):
             return 0
         return short
 
+    async def _log_batch(self, batch: list[Entry], token: str) -> None:
+        """Records the batch's token and requests before its insert is sent, so that a restart after a
+        commit sends exactly these rows under exactly this token (ClickHouse then drops them)."""
+        if self.wal is None or batch[0].replay_token is not None:
+            return  # a resent batch is in the log as it was
+        try:
+            await self.wal.log_batch(token, [lsn for e in batch for lsn in e.lsns()])
+        except OSError as exc:  # the rows are in memory and go in; a crash now could resend them
+            log.error("could not record a batch of %s in the write-ahead log (%s): it is sent anyway; were the "
+                      "buffer to crash before its next fsync, its rows could be sent twice", batch[0].key[0], exc)
+
+    def _settle_in_log(self, batch: list[Entry]) -> None:
+        """Tells the log what settled, unless some of it stays there for the next start: then the
+        whole batch is resent, under its token, and what landed before is deduplicated."""
+        if self.wal is None or any(e.outcome is not None and e.outcome.fate is Fate.LOGGED for e in batch):
+            return
+        kept = any(e.outcome is not None and e.outcome.fate is Fate.KEPT for e in batch)
+        self.wal.settle([lsn for e in batch for lsn in e.lsns()], durable=kept)  # dead letters: once only
+
     async def _isolate(self, key: Key, batch: list[Entry], token: str, first: InsertFailure) -> list[Settlement]:
         """ClickHouse refused the batch for its data: insert the good rows, dead-letter the bad ones."""
 
@@ -313,4 +357,4 @@ class Flusher(Routine):
                     stored = False
                     log.error("could not write %d dead letters for %s: %s", len(letters), key[0], exc,
                               extra={"table": key[0], "rows_lost": sum(p.rows for p, _ in found.bad)})
-        return settle(key, batch, token, found, stored, self.dead_letters_where)
+        return settle(key, batch, token, found, stored, self.dead_letters_where, unsent=self._unflushed)

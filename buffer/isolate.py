@@ -25,6 +25,7 @@ from buffer.ring import Entry, Key
 
 log = logging.getLogger(__name__)
 
+_NOT_FLUSHED = Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
 LINE_FORMATS = frozenset({"JSONEachRow", "JSONCompactEachRow", "CSV", "TabSeparated"})
 
 # insert(payload parts, token, rows) → (the failure, or None once ClickHouse took them; how many of the
@@ -64,8 +65,8 @@ async def isolate(batch: list[Entry], fmt: str, token: str, first: InsertFailure
     splittable = fmt in LINE_FORMATS
     found = Isolation({id(e): 0 for e in batch})
     groups: list[tuple[list[Piece], InsertFailure | None]] = [(
-        [Piece(e, data, n, str(e.seq) if e.extra is None else f"{e.seq}+{i}")
-         for e in batch for i, (data, n) in enumerate(e.parts())], first)]
+        [Piece(e, data, n, _label(e, i, lsn))
+         for e in batch for i, ((data, n), lsn) in enumerate(zip(e.parts(), e.lsns(), strict=True))], first)]
     while groups:
         group, failure = groups.pop()
         if failure is None:
@@ -97,8 +98,16 @@ async def isolate(batch: list[Entry], fmt: str, token: str, first: InsertFailure
     return found
 
 
+def _label(entry: Entry, i: int, lsn: int) -> str:
+    """A request's name in sub-insert tokens: its log sequence number when there is a log (the same
+    after a restart, so a resent batch's sub-inserts deduplicate), else its place in the buffer."""
+    if lsn:
+        return f"l{lsn}"
+    return str(entry.seq) if entry.extra is None else f"{entry.seq}+{i}"
+
+
 def settle(key: Key, batch: list[Entry], token: str, found: Isolation, stored: bool,
-           where: str) -> list[Settlement]:
+           where: str, unsent: Outcome = _NOT_FLUSHED) -> list[Settlement]:
     """Each entry's outcome, and the one log line that says what became of the batch."""
     failed_of: dict[int, dict[Outcome, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
     detail_of: dict[int, str] = {}
@@ -107,7 +116,7 @@ def settle(key: Key, batch: list[Entry], token: str, found: Isolation, stored: b
         failed_of[id(p.entry)][Outcome(reason, f.name)] += p.rows
         detail_of.setdefault(id(p.entry), f.message[:500])
     for p in found.unsent:
-        failed_of[id(p.entry)][Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)] += p.rows
+        failed_of[id(p.entry)][unsent] += p.rows
         detail_of.setdefault(id(p.entry), "the drain deadline passed")
     for entry_id, n in found.unwritten.items():
         failed_of[entry_id][Outcome(Reason.NOT_WRITTEN)] += n

@@ -24,12 +24,14 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_CONFIG = 2
 EXIT_ROWS_LOST = 3
+EXIT_KEPT_IN_LOG = 4  # nothing lost, but rows wait in the write-ahead log for the next start
 
 
 class Fate(enum.Enum):
     LOST = "lost"
     DROPPED = "dropped"  # on purpose, as configured
     KEPT = "kept"  # not in ClickHouse, but on disk where an operator can replay it
+    LOGGED = "logged"  # in the write-ahead log: the next start flushes them
 
 
 class Reason(enum.Enum):
@@ -62,6 +64,8 @@ class Reason(enum.Enum):
                    "were in an insert ClickHouse acknowledged but reported fewer rows written for")
     INTERNAL_ERROR = ("internal_error", Fate.LOST, "were lost to an internal error of the buffer (its log has "
                                                    "the traceback)")
+    KEPT_IN_LOG = ("kept_in_log", Fate.LOGGED,
+                   "were not flushed before the drain deadline and stay in the write-ahead log for the next start")
     DEAD_LETTERS_DELETED = ("dead_letters_deleted", Fate.LOST,
                             "were deleted from the dead-letter store when it grew past --dead-letter-max-bytes")
 
@@ -161,6 +165,7 @@ class Ledger:
         return {"rows_accepted": self.accepted_rows, "rows_committed": self.committed_rows,
                 "rows_lost": self.lost_rows, "rows_dropped": self.rows_by(Fate.DROPPED),
                 "rows_dead_lettered": self.kept_rows, "rows_held": self.held_rows,
+                "rows_kept_in_log": self.rows_by(Fate.LOGGED),
                 "rows_in_doubt": self.by_reason().get(Reason.IN_DOUBT_AT_EXIT, 0),
                 "rows_failed": {str(o): n for o, n in self.failed.items()}}
 
@@ -168,9 +173,11 @@ class Ledger:
         """At exit, rows still held (there should be none: the flusher settles them) count as lost."""
         if crashed:
             return EXIT_CRASHED
-        return EXIT_ROWS_LOST if self.lost_rows or self.held_rows else EXIT_OK
+        if self.lost_rows or self.held_rows:
+            return EXIT_ROWS_LOST
+        return EXIT_KEPT_IN_LOG if self.rows_by(Fate.LOGGED) else EXIT_OK
 
-    def exit_line(self, crashed: bool, faults: list[str]) -> str:
+    def exit_line(self, crashed: bool, faults: list[str], log_dir: str = "") -> str:
         """The last line the process logs: never more than the ledger can back."""
         if crashed:
             return "exiting after an internal failure: " + "; ".join(faults)
@@ -180,7 +187,11 @@ class Ledger:
             if held:
                 parts.append(f"{held} never settled")
             return f"exiting with {lost + held} accepted rows that did not reach ClickHouse ({', '.join(parts)})"
+        where = f" ({log_dir})" if log_dir else ""
         line = f"exiting: {self.committed_rows} rows reached ClickHouse"
+        logged = self.rows_by(Fate.LOGGED)
+        if logged:
+            line += f", {logged} stay in the write-ahead log{where} for the next start"
         kept, dropped = self.kept_rows, self.rows_by(Fate.DROPPED)
         if kept:
             line += f", {kept} refused for their data are in the dead-letter store"

@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterable
 from buffer.flusher import BatchResult, Flusher
 from buffer.ledger import Fate, Ledger, Reason
 from buffer.lifecycle import Lifecycle
+from buffer.replay import Replay
 from buffer.ring import Ring
 from buffer.telemetry import Telemetry
+from buffer.wal import WriteAheadLog
 
 Readings = Callable[[], Iterable[tuple[float, dict[str, str]]]]
 
@@ -17,7 +19,8 @@ def _one(value: Callable[[], float]) -> Readings:
     return lambda: [(value(), {})]
 
 
-def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecycle: Lifecycle) -> None:
+def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecycle: Lifecycle,
+             wal: WriteAheadLog | None = None, replay: Callable[[], Replay | None] = lambda: None) -> None:
     fl = flusher
 
     def not_kept() -> list[tuple[float, dict[str, str]]]:
@@ -66,6 +69,41 @@ def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecyc
               unit="s", kind="gauge")
     t.observe("ingest_buffer_enabled", "1 while accepting rows and ready", _one(lambda: int(lifecycle.ready)),
               kind="gauge")
+    if wal is not None:
+        _register_wal(t, wal, replay)
+
+
+def _register_wal(t: Telemetry, wal: WriteAheadLog, replay: Callable[[], Replay | None]) -> None:
+    fsync, groups = t.wal_fsync_duration, t.wal_group_size
+
+    def drain() -> list[tuple[float, dict[str, str]]]:
+        # Called on the loop at every snapshot: moves what the writer thread measured into histograms.
+        stats = wal.writer.stats if wal.started else None
+        if stats is not None:
+            while stats.fsync_seconds:
+                fsync.record(stats.fsync_seconds.popleft())
+            while stats.groups:
+                groups.record(stats.groups.popleft())
+        return [(wal.disk_bytes, {})]
+
+    def damage(field: str) -> Readings:
+        return lambda: [(getattr(wal.recovered.damage, field) if wal.recovered else 0, {})]
+
+    t.observe("ingest_buffer_wal", "bytes of the write-ahead log on disk", drain, unit="By", kind="gauge")
+    t.observe("ingest_buffer_wal_capacity", "disk bound of the write-ahead log", _one(lambda: wal.max_bytes),
+              unit="By", kind="gauge")
+    t.observe("ingest_buffer_wal_segments", "segment files of the write-ahead log", _one(lambda: wal.segments),
+              kind="gauge")
+    t.observe("ingest_buffer_wal_fsyncs", "fdatasyncs of the write-ahead log",
+              _one(lambda: wal.writer.stats.fsyncs if wal.started else 0))
+    t.observe("ingest_buffer_wal_replayed_rows", "rows read back from the write-ahead log at start",
+              _one(lambda: (r.replayed_rows if (r := replay()) is not None else 0)), unit="{row}")
+    t.observe("ingest_buffer_wal_torn", "bytes of a torn last write cut off at start", damage("torn_bytes"),
+              unit="By")
+    t.observe("ingest_buffer_wal_corrupt", "bytes of the log skipped at start as damaged (their rows are lost)",
+              damage("corrupt_bytes"), unit="By")
+    t.observe("ingest_buffer_wal_failed", "1 while the write-ahead log cannot be written",
+              _one(lambda: int(wal.error is not None)), kind="gauge")
 
 
 def batch_recorder(t: Telemetry) -> Callable[[BatchResult], None]:

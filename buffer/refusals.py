@@ -42,5 +42,16 @@ class BufferClosed(Refusal):
         super().__init__(message, "draining")
 
 
+class NeedsLog(Refusal):
+    """The request asks for what only the write-ahead log gives (ACK_LEVEL_DURABLE)."""
+
+
+class LogUnavailable(Refusal):
+    """The write-ahead log cannot be written (a full or failing disk)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "log_unavailable")
+
+
 class CommitFailed(Refusal):
     """Rows were accepted but did not all reach ClickHouse (COMMITTED acks)."""

@@ -58,8 +58,12 @@ class Entry:
     committed_rows: int = 0  # of ``rows``, once settled: all of them, none, or (poison rows) some
     # Set only for COMMITTED acks: resolved when the entry leaves the buffer.
     waiter: asyncio.Future[None] | None = None
-    # Payloads (and row counts) of later requests appended to this entry (Ring.try_append), in order.
-    extra: list[tuple[bytes, int]] | None = None
+    # Payloads, row counts and lsns of later requests appended to this entry (Ring.try_append), in order.
+    extra: list[tuple[bytes, int, int]] | None = None
+    lsn: int = 0  # the request's number in the write-ahead log (0: no log)
+    # Set for a batch resent after a restart: its token, and how many entries it holds (on the first).
+    replay_token: str | None = None
+    replay_count: int = 0
 
     size: int = 0  # bytes of payload and extra, kept after they are released
 
@@ -70,7 +74,13 @@ class Entry:
         """(payload, rows) of each request in the entry, in order."""
         if self.extra is None:
             return [(self.payload, self.rows)]
-        return [(self.payload, self.rows - sum(n for _, n in self.extra)), *self.extra]
+        return [(self.payload, self.rows - sum(n for _, n, _ in self.extra)), *((p, n) for p, n, _ in self.extra)]
+
+    def lsns(self) -> list[int]:
+        """The log sequence numbers of the entry's requests, in order."""
+        if self.extra is None:
+            return [self.lsn]
+        return [self.lsn, *(lsn for _, _, lsn in self.extra)]
 
 
 class EntryFailed(Exception):
@@ -115,6 +125,7 @@ class Ring:
         self.bytes = 0  # pending + in flight
         self.rows = 0
         self.ledger = ledger if ledger is not None else Ledger()
+        self.on_dropped: Callable[[Entry], object] | None = None  # told of every entry drop_oldest drops
         self._seq = 0
         self._queues: dict[Key, collections.deque[Entry]] = {}
         self._queued_rows: dict[Key, int] = collections.defaultdict(int)
@@ -146,7 +157,7 @@ class Ring:
         self._admit(entry)
         return True
 
-    def try_append(self, key: Key, payload: bytes, rows: int) -> bool:
+    def try_append(self, key: Key, payload: bytes, rows: int, lsn: int = 0) -> bool:
         """Adds the rows to the newest entry queued under ``key``, if it can take them now.
 
         Small writes in a row then cost one entry, not one each: the buffer's and the flusher's
@@ -159,19 +170,48 @@ class Ring:
         if not queue or self._closed or self._blocked or self.when_full is WhenFull.DROP_OLDEST:
             return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
+        if tail.replay_token is not None:
+            return False  # a batch resent after a restart holds exactly what it held
         size = len(payload)
         if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
                 or tail.rows + rows > self.batch_rows
                 or (self._barriers and tail.seq <= self._barriers[-1].upto_seq)):
             return False
         if tail.extra is None:
-            tail.extra = [(payload, rows)]
+            tail.extra = [(payload, rows, lsn)]
         else:
-            tail.extra.append((payload, rows))
+            tail.extra.append((payload, rows, lsn))
         tail.rows += rows
         tail.size += size
         self._accepted(key, rows, size, False)
         return True
+
+    def withdraw(self, entry: Entry) -> bool:
+        """Takes back an entry not yet taken by the flusher, as if it had never been accepted (its
+        write failed to reach the log); False when it is already on its way to ClickHouse."""
+        if entry.state is not State.PENDING or entry.seq not in self._outstanding:
+            return False
+        queue = self._queues[entry.key]
+        queue.remove(entry)  # rare: a failing disk
+        self._dequeued(entry)
+        del self._outstanding[entry.seq]
+        self.bytes -= entry.size
+        self.rows -= entry.rows
+        ledger = self.ledger
+        ledger.accepted_rows -= entry.rows
+        ledger.accepted_bytes -= entry.size
+        ledger.accepted_requests -= 1
+        entry.state = State.FAILED
+        self._after_release()
+        return True
+
+    def readmit(self, entries: list[Entry]) -> None:
+        """Adds entries read back from the write-ahead log, in order, whatever the room: the caller
+        bounds what it reads back (a resent batch is at most one batch)."""
+        if self._closed:
+            raise BufferClosed(_CLOSED)
+        for entry in entries:
+            self._admit(entry)
 
     def offer(self, entry: Entry) -> None:
         """Adds the entry now or raises BufferFull / BufferClosed. Never waits."""
@@ -187,9 +227,10 @@ class Ring:
                 return
         raise BufferFull(self._full_message(), self.retry_after())
 
-    async def put(self, entry: Entry, timeout: float) -> None:
-        """Adds the entry, waiting up to ``timeout`` for room when the policy is BLOCK."""
-        if self.when_full is not WhenFull.BLOCK or timeout <= 0:
+    async def put(self, entry: Entry, timeout: float, *, whatever_the_policy: bool = False) -> None:
+        """Adds the entry, waiting up to ``timeout`` for room when the policy is BLOCK (or
+        ``whatever_the_policy``: rows read back from the log wait their turn, never dropped or refused)."""
+        if not whatever_the_policy and (self.when_full is not WhenFull.BLOCK or timeout <= 0):
             self.offer(entry)
             return
         if self._closed:
@@ -275,6 +316,8 @@ class Ring:
             queue.popleft()
             self._dequeued(victim)
             self._finish(victim, _DROPPED)
+            if self.on_dropped is not None:
+                self.on_dropped(victim)
 
     def _oldest_pending(self) -> Entry | None:
         best: Entry | None = None
@@ -313,13 +356,19 @@ class Ring:
         return self._queued_rows[key], self._queued_bytes[key], head.accepted_at, covered
 
     def take(self, key: Key, max_rows: int, max_bytes: int) -> list[Entry]:
-        """Removes up to max_rows/max_bytes from the key's queue (always at least one entry)."""
+        """Removes up to max_rows/max_bytes from the key's queue (always at least one entry); a batch
+        resent after a restart comes out exactly as it was, whatever its size."""
         queue = self._queues.get(key)
         batch: list[Entry] = []
         rows = size = 0
+        exact = queue[0].replay_count if queue and queue[0].replay_token is not None else 0
         while queue:
             head = queue[0]
-            if batch and (rows + head.rows > max_rows or size + head.size > max_bytes):
+            if exact:
+                if len(batch) == exact:
+                    break
+            elif batch and (rows + head.rows > max_rows or size + head.size > max_bytes
+                            or head.replay_token is not None):
                 break
             queue.popleft()
             self._dequeued(head)

@@ -19,8 +19,19 @@ from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
 from buffer.framing import check_request, refuse_header
 from buffer.ledger import Fate, Ledger
-from buffer.refusals import BufferClosed, BufferFull, CommitFailed, InvalidRequest, Refusal, UnknownTable, Unsupported
+from buffer.refusals import (
+    BufferClosed,
+    BufferFull,
+    CommitFailed,
+    InvalidRequest,
+    LogUnavailable,
+    NeedsLog,
+    Refusal,
+    UnknownTable,
+    Unsupported,
+)
 from buffer.ring import Entry, EntryFailed, Ring
+from buffer.wal import LogFailed, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +41,15 @@ STATUS: dict[type[Refusal], grpc.StatusCode] = {
     BufferFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BufferClosed: grpc.StatusCode.UNAVAILABLE,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    NeedsLog: grpc.StatusCode.FAILED_PRECONDITION,
+    LogUnavailable: grpc.StatusCode.UNAVAILABLE,
     CommitFailed: grpc.StatusCode.ABORTED,
 }
 _COMMITTED = pb.ACK_LEVEL_COMMITTED
+_DURABLE = pb.ACK_LEVEL_DURABLE
+# What _accept hands back: rows, bytes, the entry a COMMITTED ack waits on, the fsync a DURABLE one waits
+# on, and the entry itself.
+Accepted = tuple[int, int, "Entry | None", "asyncio.Future[None] | None", "Entry | None"]
 
 
 def _parse(message_type: Any, raw: bytes) -> Any:
@@ -45,21 +62,27 @@ def _parse(message_type: Any, raw: bytes) -> Any:
                              "malformed_message") from None
 
 
-def _ack_level(raw: int) -> pb.AckLevel:
+def _ack_level(raw: int, logged: bool) -> pb.AckLevel:
     if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
         return pb.ACK_LEVEL_BUFFERED
     if raw == pb.ACK_LEVEL_COMMITTED:
         return pb.ACK_LEVEL_COMMITTED
     if raw == pb.ACK_LEVEL_DURABLE:
-        raise Unsupported("ack_level DURABLE needs the write-ahead log, which this build does not have: use "
-                          "ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "ack_unimplemented")
-    raise InvalidRequest(f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED", "bad_ack_level")
+        if not logged:
+            raise NeedsLog("ack_level DURABLE needs the write-ahead log, which this buffer runs without: start it "
+                           "with --wal-dir (INGEST_BUFFER_WAL_DIR), or use ACK_LEVEL_BUFFERED or ACK_LEVEL_COMMITTED",
+                           "no_log")
+        return pb.ACK_LEVEL_DURABLE
+    raise InvalidRequest(f"ack_level {raw} is unknown: use ACK_LEVEL_BUFFERED, ACK_LEVEL_DURABLE or "
+                         "ACK_LEVEL_COMMITTED", "bad_ack_level")
 
 
 class IngestService:
     def __init__(self, ring: Ring, catalog: TableCatalog, *, max_request_bytes: int,
-                 block_timeout: float, on_barrier: Any = None, dead_letters: str = "") -> None:
+                 block_timeout: float, on_barrier: Any = None, dead_letters: str = "",
+                 wal: WriteAheadLog | None = None) -> None:
         self.ring = ring
+        self.wal = wal
         self.ledger: Ledger = ring.ledger
         self.catalog = catalog
         self.max_request_bytes = max_request_bytes
@@ -69,12 +92,10 @@ class IngestService:
 
     # ----- shared path ----------------------------------------------------------------------
 
-    async def _accept(self, req: Any, ack: pb.AckLevel,
-                      context: aio.ServicerContext[Any, Any]) -> tuple[int, int, Entry | None]:
-        """Checks and buffers one request; raises a Refusal for anything the client must fix.
-
-        Returns (rows, bytes, the entry to wait on for a COMMITTED ack or None).
-        """
+    async def _accept(self, req: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Accepted:
+        """Checks and buffers one request (in the log too, when there is one); raises a Refusal for
+        anything the client must fix. The request is in the ring before it is in the log: a refusal
+        for want of room leaves nothing in the log."""
         payload: bytes = req.rows
         table: str = req.table
         ledger = self.ledger
@@ -91,11 +112,15 @@ class IngestService:
                 refuse_header(fmt, payload, columns)
         key = (table, fmt)
         committed = ack == _COMMITTED
+        wal = self.wal
+        lsn = self._log_room(wal, len(payload)) if wal is not None else 0
         # The common cases, with room: joined to the newest entry of its table (small writes
         # in a row), or a new entry; no waiting to set up.
-        if not committed and lines and self.ring.try_append(key, payload, rows):
-            return rows, len(payload), None
-        entry = Entry(key, payload, rows)
+        if ack == pb.ACK_LEVEL_BUFFERED and lines and self.ring.try_append(key, payload, rows, lsn):
+            if wal is not None:
+                wal.put_rows(key, lsn, rows, payload, False)
+            return rows, len(payload), None, None, None
+        entry = Entry(key, payload, rows, lsn=lsn)
         if committed:
             entry.waiter = asyncio.get_running_loop().create_future()
         if not self.ring.try_admit(entry):
@@ -104,7 +129,30 @@ class IngestService:
             if remaining is not None:
                 timeout = min(timeout, max(0.0, remaining - 0.05))
             await self.ring.put(entry, timeout)
-        return entry.rows, entry.size, entry if committed else None
+        synced = wal.put_rows(key, lsn, rows, payload, ack == _DURABLE) if wal is not None else None
+        return entry.rows, entry.size, entry if committed else None, synced, entry
+
+    def _log_room(self, wal: WriteAheadLog, size: int) -> int:
+        if wal.error is not None:
+            raise LogUnavailable(f"{wal.error.strerror}; rows cannot be made safe there: retry, or send to another "
+                                 "replica")
+        if wal.disk_bytes + size > wal.max_bytes:
+            raise BufferFull(f"the write-ahead log in {wal.directory} is full: {wal.disk_bytes}/{wal.max_bytes} "
+                             "bytes (--wal-max-bytes) while ClickHouse catches up", 1.0)
+        return wal.reserve()
+
+    async def _durable(self, waits: list[tuple[asyncio.Future[None], Entry]]) -> int:
+        """Waits for the fsyncs; returns how many requests, from the first, are on disk. Those from the
+        first that failed on are taken back from the buffer where they still can be: a row is never
+        both refused and kept."""
+        for i, (fut, _) in enumerate(waits):
+            try:
+                await fut
+            except LogFailed:
+                for _, entry in waits[i:]:
+                    self.ring.withdraw(entry)
+                return i
+        return len(waits)
 
     async def _committed(self, entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises CommitFailed if any failed."""
@@ -138,10 +186,12 @@ class IngestService:
     async def Write(self, raw: bytes, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         try:
             request = _parse(pb.WriteRequest, raw)
-            ack = _ack_level(request.ack_level)
-            rows, size, entry = await self._accept(request, ack, context)
-            if entry is not None:
-                await self._committed([entry])
+            ack = _ack_level(request.ack_level, self.wal is not None)
+            rows, size, waiter, synced, entry = await self._accept(request, ack, context)
+            if synced is not None and entry is not None and not await self._durable([(synced, entry)]):
+                raise self._unsynced()
+            if waiter is not None:
+                await self._committed([waiter])
             return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
         except Refusal as refusal:
             if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
@@ -154,13 +204,14 @@ class IngestService:
         messages = rows = size = 0
         ack: pb.AckLevel = pb.ACK_LEVEL_BUFFERED
         waiting: list[Entry] = []
+        syncs: list[tuple[asyncio.Future[None], Entry]] = []
         try:
             async for raw in request_iterator:
                 try:
                     request = _parse(pb.WriteStreamRequest, raw)
                     if messages == 0:
-                        ack = _ack_level(request.ack_level)
-                    n, nbytes, entry = await self._accept(request, ack, context)
+                        ack = _ack_level(request.ack_level, self.wal is not None)
+                    n, nbytes, waiter, synced, entry = await self._accept(request, ack, context)
                 except Refusal as refusal:
                     self.ledger.refuse(refusal.reason, len(raw))
                     refusal.message = (f"message {messages + 1} of the stream: {refusal.message} "
@@ -169,14 +220,24 @@ class IngestService:
                 messages += 1
                 rows += n
                 size += nbytes
-                if entry is not None:
-                    waiting.append(entry)
+                if waiter is not None:
+                    waiting.append(waiter)
+                if synced is not None and entry is not None:
+                    syncs.append((synced, entry))
+            if syncs and (on_disk := await self._durable(syncs)) < len(syncs):
+                messages = on_disk  # every message before the first that did not reach the disk
+                raise self._unsynced()
             if waiting:
                 await self._committed(waiting)
             return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
         except Refusal as refusal:
             await self._refuse(context, refusal, ((ACCEPTED_MESSAGES_KEY, str(messages)),))
             return pb.WriteStreamResponse()
+
+    def _unsynced(self) -> LogUnavailable:
+        error = self.wal.error if self.wal is not None else None
+        return LogUnavailable(f"{error.strerror if error else 'the write-ahead log failed'}: the rows are not on disk "
+                              "and were not kept; retry, or send to another replica")
 
     async def Flush(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
         barrier = self.ring.barrier()

@@ -68,6 +68,12 @@ class Telemetry:
         self.batch_bytes = self.meter.create_histogram(
             "ingest_buffer_batch_size", unit="By", description="bytes per inserted batch",
             explicit_bucket_boundaries_advisory=[1024 * 4**i for i in range(10)])
+        self.wal_fsync_duration = self.meter.create_histogram(
+            "ingest_buffer_wal_fsync_duration", unit="s", description="time of one fdatasync of the write-ahead log",
+            explicit_bucket_boundaries_advisory=[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1])
+        self.wal_group_size = self.meter.create_histogram(
+            "ingest_buffer_wal_group_size", unit="{record}", description="requests written by one group commit",
+            explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 64, 256, 1024, 4096])
         self.drain_duration = self.meter.create_histogram(
             "ingest_buffer_drain_duration", unit="s", description="from the first drain signal to an empty buffer",
             explicit_bucket_boundaries_advisory=[0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300])

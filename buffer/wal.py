@@ -191,8 +191,26 @@ def _settle(parts: dict[int, Part], done: list[Range], segments: list[SegmentInf
 
 def read_part(directory: Path, part: Part) -> bytes:
     """A request's payload, read back from its segment (a worker thread calls this)."""
-    with open(directory / fmt.segment_name(part.segment), "rb") as f:
-        return os.pread(f.fileno(), part.size, part.offset)
+    return read_parts(directory, [part])[0]
+
+
+def read_parts(directory: Path, parts: list[Part]) -> list[bytes]:
+    """The payloads of several requests, one open per segment."""
+    out: list[bytes] = []
+    fds: dict[int, int] = {}
+    try:
+        for part in parts:
+            fd = fds.get(part.segment)
+            if fd is None:
+                fd = fds[part.segment] = os.open(directory / fmt.segment_name(part.segment), os.O_RDONLY)
+            data = os.pread(fd, part.size, part.offset)
+            if len(data) != part.size:
+                raise OSError(f"{fmt.segment_name(part.segment)} ends before the request at {part.offset}")
+            out.append(data)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
 
 
 # ----- the writer ----------------------------------------------------------------------------------
@@ -208,8 +226,9 @@ _SYNC = 0
 class WalStats:
     bytes_written: int = 0
     fsyncs: int = 0
-    fsync_seconds: list[float] = field(default_factory=list)  # drained by telemetry
-    groups: list[int] = field(default_factory=list)  # items per group commit, drained by telemetry
+    # Drained by telemetry on the event loop (deques: appended in one thread, popped in another).
+    fsync_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100_000))
+    groups: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=100_000))
     segments_deleted: int = 0
 
 
@@ -472,6 +491,10 @@ class WriteAheadLog:
         return self._writer
 
     @property
+    def started(self) -> bool:
+        return self._writer is not None
+
+    @property
     def error(self) -> LogFailed | None:
         return self._writer.error if self._writer is not None else None
 
@@ -479,17 +502,30 @@ class WriteAheadLog:
     def disk_bytes(self) -> int:
         return self._writer.disk_bytes if self._writer is not None else 0
 
+    @property
+    def segments(self) -> int:
+        return len(self._writer._segments) if self._writer is not None else 0
+
     def token(self, first_lsn: int, last_lsn: int) -> str:
         """A new batch's deduplication token: this log's instance, this run, its requests."""
         return f"{self.instance}-{self.run}-{first_lsn}-{last_lsn}"
 
-    def append(self, key: Key, payload: bytes, rows: int, durable: bool) -> tuple[int, asyncio.Future[None] | None]:
-        """Queues one request; returns its lsn and, when ``durable``, a future set once it is fsynced."""
+    def reserve(self) -> int:
+        """The next request's lsn (one that goes unused, a request the buffer then refused, is harmless)."""
         lsn = self._next_lsn
         self._next_lsn = lsn + 1
+        return lsn
+
+    def put_rows(self, key: Key, lsn: int, rows: int, payload: bytes, durable: bool) -> asyncio.Future[None] | None:
+        """Queues one request; when ``durable``, returns a future set once it is fsynced."""
         fut = asyncio.get_running_loop().create_future() if durable else None
         self.writer.put((Kind.ROWS, key, lsn, rows, payload, fut))
-        return lsn, fut
+        return fut
+
+    def append(self, key: Key, payload: bytes, rows: int, durable: bool) -> tuple[int, asyncio.Future[None] | None]:
+        """Queues one request; returns its lsn and, when ``durable``, a future set once it is fsynced."""
+        lsn = self.reserve()
+        return lsn, self.put_rows(key, lsn, rows, payload, durable)
 
     def log_batch(self, token: str, lsns: list[int]) -> asyncio.Future[None]:
         """Records a batch's token and requests; the future is set once that is fsynced."""

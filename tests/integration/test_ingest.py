@@ -138,7 +138,7 @@ BAD = [
     ({"rows": b'{\n  "id": 1,\n  "s": "a"\n}\n'}, grpc.StatusCode.INVALID_ARGUMENT, "spread over several lines"),
     ({"format": pb.FORMAT_ROW_BINARY, "rows": b"\x01"}, grpc.StatusCode.INVALID_ARGUMENT, "row_count is required"),
     ({"table": "missing"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
-    ({"ack_level": pb.ACK_LEVEL_DURABLE}, grpc.StatusCode.UNIMPLEMENTED, "write-ahead log"),
+    ({"ack_level": pb.ACK_LEVEL_DURABLE}, grpc.StatusCode.FAILED_PRECONDITION, "--wal-dir"),
     ({"ack_level": 17}, grpc.StatusCode.INVALID_ARGUMENT, "ack_level 17 is unknown"),
 ]
 
@@ -331,7 +331,7 @@ async def test_metrics_show_the_flow(clickhouse: ClickHouse, start_buffer: Calla
     assert values["ingest_buffer_accepted_rows_total"] == 7
     assert values["ingest_buffer_flushed_rows_total"] == 7
     assert values['ingest_buffer_rejected_requests_total{reason="truncated"}'] == 1
-    assert values['ingest_buffer_rejected_requests_total{reason="ack_unimplemented"}'] == 1
+    assert values['ingest_buffer_rejected_requests_total{reason="no_log"}'] == 1
     assert values["ingest_buffer_buffer_rows"] == 0
     assert any(k.startswith("ingest_buffer_flush_duration_seconds_count") for k in values)
     assert (await http_get(buf.http + "/nope"))[0] == 404

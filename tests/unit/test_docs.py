@@ -33,9 +33,9 @@ def test_every_setting_is_documented() -> None:
         assert f"`{s.flag}` | `{s.env}`" in README, f"{s.flag} is missing from the README's settings table"
 
 
-def test_documented_metrics_exist() -> None:
+def test_documented_metrics_exist(tmp_path: Path) -> None:
     async def exported() -> set[str]:
-        app = App(load({"tables": "t"}, env={}), sink=MemorySink(), signals=())
+        app = App(load({"tables": "t", "wal_dir": str(tmp_path / "wal")}, env={}), sink=MemorySink(), signals=())
         ledger, fl = app.ledger, app.flusher
         ledger.refuse("truncated", 10)
         ledger.fail(Outcome(Reason.DROPPED_OLDEST), 1)
@@ -43,7 +43,7 @@ def test_documented_metrics_exist() -> None:
         fl.stats.errors["NETWORK"] = 1
         fl.held["t"] = Held("t", "UNKNOWN_TABLE", "create it", 0.0)
         for h in (app.telemetry.flush_duration, app.telemetry.batch_rows, app.telemetry.batch_bytes,
-                  app.telemetry.drain_duration):
+                  app.telemetry.drain_duration, app.telemetry.wal_fsync_duration, app.telemetry.wal_group_size):
             h.record(1)
         text = app.telemetry.prometheus_text().decode()
         return {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line.startswith("ingest_buffer")}

@@ -60,7 +60,7 @@ async def test_bisects_to_the_bad_rows_and_lands_the_rest_under_derived_tokens()
 async def test_a_shared_entry_splits_by_request_first() -> None:
     (e,) = entries(b'{"a":\n0}\n')  # one row over two lines, as its writer said
     e.rows = 1
-    e.extra = [(b'{"a":1}\n{"a":"bad"}\n', 2)]
+    e.extra = [(b'{"a":1}\n{"a":"bad"}\n', 2, 0)]
     e.rows += 2
     found = await isolate([e], "JSONEachRow", "tok", BAD, FakeInsert(), lambda: False)
     assert [p.data for p, _ in found.bad] == [b'{"a":"bad"}\n'] and found.good[id(e)] == 2
