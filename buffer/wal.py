@@ -220,6 +220,8 @@ def read_parts(directory: Path, parts: list[Part]) -> list[bytes]:
 # SYNC (kind 0): only a waiter. A waiter is a future resolved after the fsync that covers the item.
 Item = tuple[int, Any, int, int, Any, "asyncio.Future[None] | None"]
 _SYNC = 0
+# Plain ints for the per-request comparisons (an IntEnum's are several times slower).
+_ROWS, _BATCH, _DONE = int(Kind.ROWS), int(Kind.BATCH), int(Kind.DONE)
 
 
 @dataclass
@@ -249,6 +251,9 @@ class Writer:
         self._wake = threading.Event()
         self._stop = False
         self._unsynced_since: float | None = None
+        # Set while the writer may sleep: it sets it before it looks at the queue one last time, and a
+        # put reads it after its append, so a put either sees it set or is seen in the queue.
+        self._idle = True
         self._fd = -1
         self._size = 0
         self._open_segment((recovered.segments[-1].number + 1) if recovered.segments else 1)
@@ -258,7 +263,8 @@ class Writer:
 
     def put(self, item: Item) -> None:
         self._queue.append(item)
-        self._wake.set()
+        if self._idle:  # waking a busy writer would only cost a lock: it looks at the queue anyway
+            self._wake.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -276,6 +282,7 @@ class Writer:
 
     def _run(self) -> None:
         while True:
+            self._idle = True
             if not self._queue:
                 if self._stop:
                     self._sync([])
@@ -284,6 +291,7 @@ class Writer:
                 if self._unsynced_since is not None:
                     timeout = max(0.0, self._unsynced_since + self.sync_interval - time.monotonic())
                 self._wake.wait(timeout)
+            self._idle = False
             self._wake.clear()  # before taking: a put after this wakes the next wait at once
             group = self._take()
             waiters = [item[5] for item in group if item[5] is not None]
@@ -303,7 +311,7 @@ class Writer:
         while self._queue and size < GROUP_BYTES:
             item = self._queue.popleft()
             group.append(item)
-            if item[0] == Kind.ROWS:
+            if item[0] == _ROWS:
                 size += len(item[4])
         return group
 
@@ -314,7 +322,7 @@ class Writer:
         i = 0
         while i < len(group):
             kind = group[i][0]
-            if kind == Kind.ROWS:
+            if kind == _ROWS:
                 j, parts = self._pack(group, i)
                 key, first = group[i][1], group[i][2]
                 buffers += fmt.rows_record(first, key[1], key[0], parts)
@@ -322,9 +330,9 @@ class Writer:
                 i = j
                 continue
             item = group[i]
-            if kind == Kind.BATCH:
+            if kind == _BATCH:
                 buffers += fmt.batch_record(item[1], item[4])
-            elif kind == Kind.DONE:
+            elif kind == _DONE:
                 buffers += fmt.done_record(item[4])
                 settles += item[4]
             i += 1
@@ -344,11 +352,14 @@ class Writer:
         parts = [(group[i][3], group[i][4])]
         size = len(group[i][4])
         j = i + 1
-        while (j < len(group) and group[j][0] == Kind.ROWS and group[j][1] == key and group[j][2] == lsn + 1
-               and size + len(group[j][4]) <= RECORD_BYTES and len(parts) < 65535):
-            lsn += 1
-            parts.append((group[j][3], group[j][4]))
-            size += len(group[j][4])
+        n = len(group)
+        while j < n and len(parts) < 65535:
+            kind, k, next_lsn, rows, payload, _ = group[j]
+            if kind != _ROWS or k != key or next_lsn != lsn + 1 or size + len(payload) > RECORD_BYTES:
+                break
+            lsn = next_lsn
+            parts.append((rows, payload))
+            size += len(payload)
             j += 1
         return j, parts
 
@@ -519,7 +530,7 @@ class WriteAheadLog:
     def put_rows(self, key: Key, lsn: int, rows: int, payload: bytes, durable: bool) -> asyncio.Future[None] | None:
         """Queues one request; when ``durable``, returns a future set once it is fsynced."""
         fut = asyncio.get_running_loop().create_future() if durable else None
-        self.writer.put((Kind.ROWS, key, lsn, rows, payload, fut))
+        self.writer.put((_ROWS, key, lsn, rows, payload, fut))
         return fut
 
     def append(self, key: Key, payload: bytes, rows: int, durable: bool) -> tuple[int, asyncio.Future[None] | None]:
@@ -530,14 +541,14 @@ class WriteAheadLog:
     def log_batch(self, token: str, lsns: list[int]) -> asyncio.Future[None]:
         """Records a batch's token and requests; the future is set once that is fsynced."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.writer.put((Kind.BATCH, token, 0, 0, fmt.to_ranges(lsns), fut))
+        self.writer.put((_BATCH, token, 0, 0, fmt.to_ranges(lsns), fut))
         return fut
 
     def settle(self, lsns: list[int], durable: bool = False) -> asyncio.Future[None] | None:
         if not lsns:
             return None
         fut = asyncio.get_running_loop().create_future() if durable else None
-        self.writer.put((Kind.DONE, None, 0, 0, fmt.to_ranges(lsns), fut))
+        self.writer.put((_DONE, None, 0, 0, fmt.to_ranges(lsns), fut))
         return fut
 
     def sync(self) -> asyncio.Future[None]:

@@ -101,8 +101,12 @@ def frame(kind: Kind, parts: list[bytes]) -> list[bytes]:
 def rows_record(first_lsn: int, fmt: str, table: str, parts: list[tuple[int, bytes]]) -> list[bytes]:
     name = table.encode()
     head = ROWS_HEAD.pack(first_lsn, len(parts), FORMAT_CODE[fmt], len(name)) + name
-    sizes = b"".join(PART.pack(rows, len(payload)) for rows, payload in parts)
-    return frame(Kind.ROWS, [head, sizes, *(payload for _, payload in parts)])
+    flat = [n for rows, payload in parts for n in (rows, len(payload))]
+    sizes = struct.pack(f"<{len(flat)}I", *flat)
+    payloads = [payload for _, payload in parts]
+    if len(payloads) > 1 and sum(len(p) for p in payloads) < 64 * 1024:
+        payloads = [b"".join(payloads)]  # small requests: one buffer to checksum and write, not hundreds
+    return frame(Kind.ROWS, [head, sizes, *payloads])
 
 
 def ranges_body(ranges: list[Range]) -> bytes:
