@@ -165,6 +165,8 @@ class App:
                  recovered.unsettled_rows, extra={"wal_dir": str(wal.directory)})
         wal.start(asyncio.get_running_loop())
         self.replay = Replay(wal, recovered, self.ring)
+        self.replay.until(self.lifecycle.remaining)
+        self.service.replayed = self.replay.done
         return True
 
     async def _open_embedded(self) -> bool:

@@ -137,7 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_size),
     Setting("wal_sync_interval", 0.1, "the longest a BUFFERED row waits in the page cache for its fsync",
             parse_duration),
-    Setting("wal_segment_bytes", 64 * 1024**2, "size at which the log starts a new segment file", parse_size),
+    Setting("wal_segment_bytes", 16 * 1024**2, "size at which the log starts a new segment file (a start reads "
+            "one segment at a time into memory)", parse_size),
     Setting("event_loop", "auto", "asyncio event loop: uvloop (faster gRPC handling), asyncio, or auto "
             "(uvloop when installed)", choices=("auto", "uvloop", "asyncio")),
     Setting("log_level", "info", "log level", choices=LOG_LEVELS),

@@ -5,18 +5,21 @@ was being inserted when the previous process stopped — each as one batch, with
 and its recorded deduplication token, so an insert that committed just before a crash is dropped by
 ClickHouse rather than doubled — then as many of the other unsettled requests as the buffer has room
 for, and the listener opens. The rest follow in the background as flushes make room, in the order
-they were accepted; they wait their turn whatever ``--when-full`` says (they were acknowledged
-long ago), and what is still on disk when the buffer stops stays in the log for the next start.
+they were accepted; they wait their turn whatever ``--when-full`` says, and keep coming while the
+buffer drains (they were acknowledged long ago): the replay's stop waits for them, up to the drain
+deadline, and what is still on disk then stays in the log for the next start. ``done`` is set
+once everything is back in the buffer; a Flush barrier waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from buffer.ledger import Ledger, Outcome, Reason
-from buffer.ring import BufferClosed, Entry, Ring
+from buffer.ring import Entry, Ring
 from buffer.routines import Routine
 from buffer.wal import Part, Recovered, WriteAheadLog, read_parts
 
@@ -38,9 +41,15 @@ class Replay(Routine):
         self._left: list[Part] = list(recovered.unsettled)
         self._at = 0
         self._stopped = asyncio.Event()
+        self.done = asyncio.Event()
+        self._lifecycle_remaining: Callable[[], float] = lambda: 0.0
+
+    def until(self, remaining: Callable[[], float]) -> None:
+        """How long the stop may keep putting rows back: the drain's time remaining."""
+        self._lifecycle_remaining = remaining
 
     def stop_budget(self) -> float | None:
-        return 5.0
+        return self._lifecycle_remaining() + 1.0
 
     async def start(self) -> None:
         for batch in self.recovered.pending:
@@ -60,22 +69,21 @@ class Replay(Routine):
 
     async def run(self) -> None:
         try:
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            admitting = asyncio.ensure_future(self._admit(wait=True))
-            await asyncio.wait((stopped, admitting), return_when=asyncio.FIRST_COMPLETED)
-            if admitting.done():
-                admitting.result()
-                if self.recovered.unsettled:
-                    log.info("replay done: %d rows back in the buffer", self.replayed_rows,
-                             extra={"rows_replayed": self.replayed_rows})
-                await stopped
-            else:
-                admitting.cancel()
-                await asyncio.gather(admitting, return_exceptions=True)
+            await self._admit(wait=True)
+            self.done.set()
+            if self.recovered.unsettled:
+                log.info("replay done: %d rows back in the buffer", self.replayed_rows,
+                         extra={"rows_replayed": self.replayed_rows})
+            await self._stopped.wait()
         finally:
             self._keep_the_rest()
+            self.done.set()
 
     async def stop(self) -> None:
+        """Lets the rows still on disk come back while the flusher drains, up to the deadline."""
+        if not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), self._lifecycle_remaining())
         self._stopped.set()
 
     def _entry(self, part: Part, payload: bytes) -> Entry:
@@ -89,13 +97,11 @@ class Replay(Routine):
             payloads = await asyncio.to_thread(read_parts, self.wal.directory, chunk)
             for part, data in zip(chunk, payloads, strict=True):
                 entry = self._entry(part, data)
-                if not self.ring.try_admit(entry):
+                while not self.ring.admit_from_log(entry):
                     if not wait:
                         return
-                    try:
-                        await self.ring.put(entry, float("inf"), whatever_the_policy=True)
-                    except BufferClosed:
-                        return  # draining: what is left stays in the log
+                    self.ring.released.clear()
+                    await self.ring.released.wait()  # a flush settled something: there may be room
                 self._at += 1
                 self.replayed_rows += part.rows
 

@@ -137,9 +137,10 @@ class Ring:
         self._closed = False
         # Set when an entry is added that may need the flusher's attention.
         self.arrived = asyncio.Event()
-        # Set whenever the buffer becomes empty.
+        # Set whenever the buffer becomes empty, and whenever entries leave it (room may have freed).
         self.emptied = asyncio.Event()
         self.emptied.set()
+        self.released = asyncio.Event()
 
     # ----- admission -----------------------------------------------------------------------
 
@@ -208,8 +209,6 @@ class Ring:
     def readmit(self, entries: list[Entry]) -> None:
         """Adds entries read back from the write-ahead log, in order, whatever the room: the caller
         bounds what it reads back (a resent batch is at most one batch)."""
-        if self._closed:
-            raise BufferClosed(_CLOSED)
         for entry in entries:
             self._admit(entry)
 
@@ -227,10 +226,17 @@ class Ring:
                 return
         raise BufferFull(self._full_message(), self.retry_after())
 
-    async def put(self, entry: Entry, timeout: float, *, whatever_the_policy: bool = False) -> None:
-        """Adds the entry, waiting up to ``timeout`` for room when the policy is BLOCK (or
-        ``whatever_the_policy``: rows read back from the log wait their turn, never dropped or refused)."""
-        if not whatever_the_policy and (self.when_full is not WhenFull.BLOCK or timeout <= 0):
+    def admit_from_log(self, entry: Entry) -> bool:
+        """Adds a request read back from the write-ahead log if it fits now, whatever the policy and
+        even while draining (it was acknowledged long ago); False when there is no room yet."""
+        if not self._fits(entry.size, entry.rows):
+            return False
+        self._admit(entry)
+        return True
+
+    async def put(self, entry: Entry, timeout: float) -> None:
+        """Adds the entry, waiting up to ``timeout`` for room when the policy is BLOCK."""
+        if self.when_full is not WhenFull.BLOCK or timeout <= 0:
             self.offer(entry)
             return
         if self._closed:
@@ -455,6 +461,7 @@ class Ring:
         entry.extra = None
 
     def _after_release(self) -> None:
+        self.released.set()
         self._admit_blocked()
         if self._barriers:
             low = next(iter(self._outstanding), None)

@@ -83,6 +83,7 @@ class IngestService:
                  wal: WriteAheadLog | None = None) -> None:
         self.ring = ring
         self.wal = wal
+        self.replayed: asyncio.Event | None = None  # set once the log's rows are all back in the ring
         self.ledger: Ledger = ring.ledger
         self.catalog = catalog
         self.max_request_bytes = max_request_bytes
@@ -240,6 +241,8 @@ class IngestService:
                               "and were not kept; retry, or send to another replica")
 
     async def Flush(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
+        if self.replayed is not None:
+            await self.replayed.wait()  # rows still coming back from the log were accepted before this call
         barrier = self.ring.barrier()
         if self.on_barrier is not None:
             self.on_barrier()

@@ -458,7 +458,7 @@ def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -
 class WriteAheadLog:
     """What the rest of the buffer calls, on the event loop: append, log a batch, settle."""
 
-    def __init__(self, directory: str | Path, *, segment_bytes: int = 64 << 20, sync_interval: float = 0.1,
+    def __init__(self, directory: str | Path, *, segment_bytes: int = 16 << 20, sync_interval: float = 0.1,
                  max_bytes: int = 1 << 30) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
