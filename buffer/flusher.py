@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # At exit, how long inserts already sent may take to finish before their rows count as in doubt.
 IN_FLIGHT_GRACE = 2.0
+# How long a batch waits for a failing log to record it before it is sent without that.
+BATCH_LOG_PATIENCE = 5.0
 _NOT_FLUSHED = Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
 _IN_LOG = Outcome(Reason.KEPT_IN_LOG)
 
@@ -177,6 +179,8 @@ class Flusher(Routine):
         for key in keys:
             while s.can_start(key) and s.due(key, Queued(*self.ring.queued(key)), now):
                 batch = self.ring.take(key, self.policy.max_rows, self.policy.max_bytes)
+                if not batch:
+                    break  # its first entry waits for its fsync: the service wakes the loop after it
                 number = next(self._batch_numbers)
                 self._last_started[key] = number
                 task = asyncio.create_task(self._flush(key, batch), name=f"flush {key[0]}")
@@ -191,7 +195,9 @@ class Flusher(Routine):
             rows = sum(e.rows for e in batch if e.state in (State.PENDING, State.IN_FLIGHT))
             log.error("flushing a batch of %s failed inside the buffer: its %d unsettled rows are lost", key[0],
                       rows, exc_info=exc, extra={"table": key[0], "rows_lost": rows})
-            self.ring.release(batch, Outcome(Reason.INTERNAL_ERROR, type(exc).__name__))
+            # With a log, the rows stay there for the next start; without one, they are lost.
+            self.ring.release(batch, _IN_LOG if self.wal is not None else Outcome(Reason.INTERNAL_ERROR,
+                                                                                   type(exc).__name__))
             self.lifecycle.fault(f"a flush of {key[0]} raised {exc!r}")
         self.wake()
 
@@ -267,7 +273,8 @@ class Flusher(Routine):
             # The requests' payloads, not joined here: the sink joins them (in its worker thread)
             # only where it needs one body, and the embedded engine needs none.
             payload = [data for e in batch for data, _ in e.parts()]
-            await self._log_batch(batch, token)
+            lsns = [lsn for e in batch for lsn in e.lsns()]  # now: settling frees the entries' parts
+            await self._log_batch(batch, token, lsns)
             done = await self.inserter.insert(key, payload, token, rows)
             failure, attempts = done.failure, done.attempts
             if failure is None:
@@ -286,7 +293,7 @@ class Flusher(Routine):
                 self.ring.release(batch, self._unflushed)
             else:
                 self.ring.settle(await self._isolate(key, batch, token, failure))
-            self._settle_in_log(batch)
+            self._settle_in_log(batch, lsns)
             settled = True
         finally:
             # Not settled: cancelled mid-insert at exit (_finish counts these rows), or raised
@@ -316,24 +323,39 @@ class Flusher(Routine):
             return 0
         return short
 
-    async def _log_batch(self, batch: list[Entry], token: str) -> None:
-        """Records the batch's token and requests before its insert is sent, so that a restart after a
-        commit sends exactly these rows under exactly this token (ClickHouse then drops them)."""
+    async def _log_batch(self, batch: list[Entry], token: str, lsns: list[int]) -> None:
+        """Records the batch's token and requests, synced, before its insert is sent, so that a restart
+        after a commit sends exactly these rows under exactly this token (ClickHouse then drops them).
+
+        While the log cannot take it (a failing disk) the batch waits and asks again, for up to
+        BATCH_LOG_PATIENCE; then it is sent all the same, loudly: a disk that stays full must not stop
+        every flush (which is also what frees it), and the only risk is a crash before the log
+        works again, whose replay would send these rows a second time."""
         if self.wal is None or batch[0].replay_token is not None:
             return  # a resent batch is in the log as it was
-        try:
-            await self.wal.log_batch(token, [lsn for e in batch for lsn in e.lsns()])
-        except OSError as exc:  # the rows are in memory and go in; a crash now could resend them
-            log.error("could not record a batch of %s in the write-ahead log (%s): it is sent anyway; were the "
-                      "buffer to crash before its next fsync, its rows could be sent twice", batch[0].key[0], exc)
+        delay, waited = 0.05, 0.0
+        while True:
+            try:
+                await self.wal.log_batch(token, lsns)
+                return
+            except OSError as exc:
+                if waited >= BATCH_LOG_PATIENCE or self.lifecycle.out_of_time(within=delay):
+                    log.error("could not record a batch of %s in the write-ahead log for %.0fs (%s): it is sent "
+                              "anyway; should the buffer crash before the log works again, its %d rows could be "
+                              "sent twice", batch[0].key[0], waited, exc, sum(e.rows for e in batch),
+                              extra={"table": batch[0].key[0], "token": token})
+                    return
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(1.0, delay * 2)
 
-    def _settle_in_log(self, batch: list[Entry]) -> None:
+    def _settle_in_log(self, batch: list[Entry], lsns: list[int]) -> None:
         """Tells the log what settled, unless some of it stays there for the next start: then the
         whole batch is resent, under its token, and what landed before is deduplicated."""
         if self.wal is None or any(e.outcome is not None and e.outcome.fate is Fate.LOGGED for e in batch):
             return
         kept = any(e.outcome is not None and e.outcome.fate is Fate.KEPT for e in batch)
-        self.wal.settle([lsn for e in batch for lsn in e.lsns()], durable=kept)  # dead letters: once only
+        self.wal.settle(lsns, durable=kept)  # dead letters: stored once
 
     async def _isolate(self, key: Key, batch: list[Entry], token: str, first: InsertFailure) -> list[Settlement]:
         """ClickHouse refused the batch for its data: insert the good rows, dead-letter the bad ones."""

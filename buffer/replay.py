@@ -55,7 +55,9 @@ class Replay(Routine):
         for batch in self.recovered.pending:
             payloads = await asyncio.to_thread(read_parts, self.wal.directory, batch.parts)
             entries = [self._entry(p, data) for p, data in zip(batch.parts, payloads, strict=True)]
-            entries[0].replay_token, entries[0].replay_count = batch.token, len(entries)
+            for entry in entries:
+                entry.replay_token = batch.token
+            entries[0].replay_count = len(entries)
             self.ring.readmit(entries)
             self.replayed_rows += sum(e.rows for e in entries)
             if batch.missing:
@@ -68,14 +70,21 @@ class Replay(Routine):
                      sum(p.rows for p in self._left[self._at:]), extra={"rows_replayed": self.replayed_rows})
 
     async def run(self) -> None:
+        admitting = asyncio.ensure_future(self._admit(wait=True))
+        stopped = asyncio.ensure_future(self._stopped.wait())
         try:
-            await self._admit(wait=True)
-            self.done.set()
-            if self.recovered.unsettled:
-                log.info("replay done: %d rows back in the buffer", self.replayed_rows,
-                         extra={"rows_replayed": self.replayed_rows})
-            await self._stopped.wait()
+            await asyncio.wait((admitting, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if admitting.done():
+                admitting.result()
+                self.done.set()
+                if self.recovered.unsettled:
+                    log.info("replay done: %d rows back in the buffer", self.replayed_rows,
+                             extra={"rows_replayed": self.replayed_rows})
+                await stopped
         finally:
+            for task in (admitting, stopped):
+                task.cancel()
+            await asyncio.gather(admitting, stopped, return_exceptions=True)
             self._keep_the_rest()
             self.done.set()
 
@@ -97,7 +106,9 @@ class Replay(Routine):
             payloads = await asyncio.to_thread(read_parts, self.wal.directory, chunk)
             for part, data in zip(chunk, payloads, strict=True):
                 entry = self._entry(part, data)
-                while not self.ring.admit_from_log(entry):
+                if entry.size > self.ring.max_bytes or entry.rows > self.ring.max_rows:
+                    self.ring.readmit([entry])  # larger than the buffer now is (a smaller --buffer-max-*): alone
+                while entry.seq == 0 and not self.ring.admit_from_log(entry):
                     if not wait:
                         return
                     self.ring.released.clear()

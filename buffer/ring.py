@@ -61,9 +61,13 @@ class Entry:
     # Payloads, row counts and lsns of later requests appended to this entry (Ring.try_append), in order.
     extra: list[tuple[bytes, int, int]] | None = None
     lsn: int = 0  # the request's number in the write-ahead log (0: no log)
-    # Set for a batch resent after a restart: its token, and how many entries it holds (on the first).
+    # Set on every entry of a batch resent after a restart: its token; on its first entry, how many
+    # entries it holds. Such an entry never takes a new request, is never dropped, goes out whole.
     replay_token: str | None = None
     replay_count: int = 0
+    # A DURABLE request whose fsync is still out: the flusher does not take it, nothing joins it,
+    # so that should the fsync fail it can be taken back whole (Ring.withdraw).
+    syncing: bool = False
 
     size: int = 0  # bytes of payload and extra, kept after they are released
 
@@ -171,8 +175,8 @@ class Ring:
         if not queue or self._closed or self._blocked or self.when_full is WhenFull.DROP_OLDEST:
             return False  # (drop_oldest drops whole entries: they stay one request each)
         tail = queue[-1]
-        if tail.replay_token is not None:
-            return False  # a batch resent after a restart holds exactly what it held
+        if tail.replay_token is not None or tail.syncing:
+            return False  # a resent batch holds exactly what it held; a DURABLE one may yet be taken back
         size = len(payload)
         if (tail.waiter is not None or tail.size + size > self.coalesce_bytes or not self._fits(size, rows)
                 or tail.rows + rows > self.batch_rows
@@ -326,9 +330,10 @@ class Ring:
                 self.on_dropped(victim)
 
     def _oldest_pending(self) -> Entry | None:
+        """The oldest entry drop_oldest may drop: a resent batch goes out whole under its token, or not at all."""
         best: Entry | None = None
         for queue in self._queues.values():
-            if queue and (best is None or queue[0].seq < best.seq):
+            if queue and queue[0].replay_token is None and (best is None or queue[0].seq < best.seq):
                 best = queue[0]
         return best
 
@@ -362,14 +367,17 @@ class Ring:
         return self._queued_rows[key], self._queued_bytes[key], head.accepted_at, covered
 
     def take(self, key: Key, max_rows: int, max_bytes: int) -> list[Entry]:
-        """Removes up to max_rows/max_bytes from the key's queue (always at least one entry); a batch
-        resent after a restart comes out exactly as it was, whatever its size."""
+        """Removes up to max_rows/max_bytes from the key's queue (at least one entry, unless the first
+        waits for its fsync); a batch resent after a restart comes out exactly as it was, whatever
+        its size. A DURABLE entry still waiting for its fsync ends the batch before it."""
         queue = self._queues.get(key)
         batch: list[Entry] = []
         rows = size = 0
         exact = queue[0].replay_count if queue and queue[0].replay_token is not None else 0
         while queue:
             head = queue[0]
+            if head.syncing:
+                break
             if exact:
                 if len(batch) == exact:
                     break

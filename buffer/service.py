@@ -7,6 +7,7 @@ place that turns them into gRPC status codes and trailing metadata.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +31,7 @@ from buffer.refusals import (
     UnknownTable,
     Unsupported,
 )
-from buffer.ring import Entry, EntryFailed, Ring
+from buffer.ring import Entry, EntryFailed, Ring, State
 from buffer.wal import LogFailed, WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class IngestService:
             if wal is not None:
                 wal.put_rows(key, lsn, rows, payload, False)
             return rows, len(payload), None, None, None
-        entry = Entry(key, payload, rows, lsn=lsn)
+        entry = Entry(key, payload, rows, lsn=lsn, syncing=ack == _DURABLE)
         if committed:
             entry.waiter = asyncio.get_running_loop().create_future()
         if not self.ring.try_admit(entry):
@@ -129,9 +130,27 @@ class IngestService:
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, max(0.0, remaining - 0.05))
-            await self.ring.put(entry, timeout)
+            try:
+                await self.ring.put(entry, timeout)
+            except asyncio.CancelledError:
+                if wal is not None and entry.seq and entry.state is State.PENDING:
+                    # Admitted just as the caller went away: the rows are accepted, so they are logged.
+                    entry.syncing = False
+                    wal.put_rows(key, lsn, rows, payload, False)
+                raise
         synced = wal.put_rows(key, lsn, rows, payload, ack == _DURABLE) if wal is not None else None
+        if synced is not None:
+            synced.add_done_callback(functools.partial(self._synced, entry))
         return entry.rows, entry.size, entry if committed else None, synced, entry
+
+    def _synced(self, entry: Entry, fut: asyncio.Future[None]) -> None:
+        """A DURABLE request's fsync is done: the flusher may take it now — or, when it failed, the
+        request is taken back whole (the client hears it failed, so it must not land)."""
+        entry.syncing = False
+        if fut.cancelled() or fut.exception() is None:
+            self.ring.arrived.set()
+        elif self.ring.withdraw(entry) and self.wal is not None:
+            self.wal.settle(entry.lsns())  # should its record be on disk after all, it never replays
 
     def _log_room(self, wal: WriteAheadLog, size: int) -> int:
         if wal.error is not None:
@@ -143,15 +162,16 @@ class IngestService:
         return wal.reserve()
 
     async def _durable(self, waits: list[tuple[asyncio.Future[None], Entry]]) -> int:
-        """Waits for the fsyncs; returns how many requests, from the first, are on disk. Those from the
-        first that failed on are taken back from the buffer where they still can be: a row is never
-        both refused and kept."""
+        """Waits for the fsyncs; returns how many requests, from the first, are on disk. A failed one
+        was taken back already (_synced); those after it are refused with it, so they are taken back
+        too: a row is never both refused and kept."""
         for i, (fut, _) in enumerate(waits):
             try:
                 await fut
             except LogFailed:
-                for _, entry in waits[i:]:
-                    self.ring.withdraw(entry)
+                for later, entry in waits[i + 1:]:  # on disk or not, they are refused with the rest
+                    if later.done() and later.exception() is None and self.ring.withdraw(entry) and self.wal:
+                        self.wal.settle(entry.lsns())
                 return i
         return len(waits)
 

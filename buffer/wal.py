@@ -38,6 +38,7 @@ from buffer.walformat import Damage, Kind, Range, RowsRecord
 log = logging.getLogger(__name__)
 
 GROUP_BYTES = 1 << 20  # the most one group commit writes
+FAULT_RETRY = 1.0  # after a failed write or sync, seconds until the writer tries again
 RECORD_BYTES = 256 * 1024  # the most one ROWS record packs (a single larger request is one record)
 _IOV_MAX = 1024
 
@@ -50,7 +51,7 @@ class LogFailed(OSError):
 
 # ----- recovery ------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class Part:
     """One request found in the log."""
 
@@ -73,27 +74,50 @@ class PendingBatch:
 class SegmentInfo:
     number: int
     ranges: list[Range] = field(default_factory=list)  # the lsns of the requests it holds
+    done: list[Range] = field(default_factory=list)  # of those, the settled ones (merged, sorted)
     requests: int = 0
     settled: int = 0
     size: int = 0
 
     def add(self, first: int, n: int) -> None:
-        last = self.ranges[-1] if self.ranges else None
-        if last is not None and last[0] + last[1] == first:
-            self.ranges[-1] = (last[0], last[1] + n)
-        else:
-            self.ranges.append((first, n))
-        self.requests += n
+        """The segment holds these lsns (written again after a failed sync, they count once)."""
+        self.requests += n - _covered(self.ranges, first, first + n)
+        _merge(self.ranges, first, n)
 
-    def overlap(self, first: int, n: int) -> int:
-        """How many of the lsns first … first + n - 1 this segment holds."""
+    def settle(self, first: int, n: int) -> None:
+        """Marks the segment's lsns among first … first + n - 1 settled; settling one twice counts once."""
         end = first + n
-        return sum(max(0, min(end, a + k) - max(first, a)) for a, k in self.ranges)
+        if not self.ranges or end <= self.ranges[0][0] or first >= self.ranges[-1][0] + self.ranges[-1][1]:
+            return
+        for a, k in list(self.ranges):
+            lo, hi = max(first, a), min(end, a + k)
+            if lo < hi:
+                self.settled += (hi - lo) - _covered(self.done, lo, hi)
+                _merge(self.done, lo, hi - lo)
+
+
+def _merge(ranges: list[Range], first: int, n: int) -> None:
+    """Adds [first, first + n) to sorted, disjoint ranges, joining what touches."""
+    lo, hi = first, first + n
+    out: list[Range] = []
+    for a, k in ranges:
+        if a + k < lo or a > hi:
+            out.append((a, k))
+        else:
+            lo, hi = min(lo, a), max(hi, a + k)
+    out.append((lo, hi - lo))
+    out.sort()
+    ranges[:] = out
+
+
+def _covered(ranges: list[Range], lo: int, hi: int) -> int:
+    return sum(max(0, min(hi, a + k) - max(lo, a)) for a, k in ranges)
 
 
 @dataclass
 class Recovered:
     instance: str
+    salt: int
     next_lsn: int
     segments: list[SegmentInfo]
     pending: list[PendingBatch]
@@ -109,6 +133,7 @@ class Recovered:
 def recover(directory: Path, *, repair: bool = True) -> Recovered:
     """Reads the log; with ``repair``, cuts the last segment's torn tail (a crash mid-write)."""
     meta = fmt.open_meta(directory, create=repair)
+    salt = int(meta["salt"])  # type: ignore[call-overload]
     numbers = fmt.segment_numbers(directory)
     damage = Damage()
     parts: dict[int, Part] = {}
@@ -123,7 +148,7 @@ def recover(directory: Path, *, repair: bool = True) -> Recovered:
         seg = SegmentInfo(number, size=len(view))
         local = Damage()
         good_end = 0
-        for record in fmt.scan(view, local):
+        for record in fmt.scan(view, local, salt):
             records += 1
             good_end = record.offset + fmt.HEADER.size + len(record.body)
             try:
@@ -160,14 +185,15 @@ def recover(directory: Path, *, repair: bool = True) -> Recovered:
     pending = []
     for token, ranges in batches:
         lsns = [lsn for first, n in ranges for lsn in range(first, first + n)]
-        if all(lsn in settled for lsn in lsns):
-            continue
         found = [parts[lsn] for lsn in lsns if lsn in parts]
-        if found:
-            pending.append(PendingBatch(token, found, missing=len(lsns) - len(found)))
+        # A batch settles in one DONE record: if any request of it is settled, all are, and those
+        # missing were in segments deleted for being settled. Only damage leaves some missing otherwise.
+        if not found or any(p.lsn in settled for p in found):
+            continue
+        pending.append(PendingBatch(token, found, missing=len(lsns) - len(found)))
     in_batches = {p.lsn for b in pending for p in b.parts}
     unsettled = [p for lsn, p in sorted(parts.items()) if lsn not in settled and lsn not in in_batches]
-    return Recovered(str(meta["instance"]), max_lsn + 1, segments, pending, unsettled, damage, records)
+    return Recovered(str(meta["instance"]), salt, max_lsn + 1, segments, pending, unsettled, damage, records)
 
 
 def _add_rows(parts: dict[int, Part], seg: SegmentInfo, rows: RowsRecord, key: Key) -> None:
@@ -178,14 +204,11 @@ def _add_rows(parts: dict[int, Part], seg: SegmentInfo, rows: RowsRecord, key: K
 
 
 def _settle(parts: dict[int, Part], done: list[Range], segments: list[SegmentInfo]) -> set[int]:
-    by_number = {s.number: s for s in segments}
     settled: set[int] = set()
     for first, n in done:
-        for lsn in range(first, first + n):
-            part = parts.get(lsn)
-            if part is not None and lsn not in settled:
-                settled.add(lsn)
-                by_number[part.segment].settled += 1
+        for seg in segments:
+            seg.settle(first, n)
+        settled.update(lsn for lsn in range(first, first + n) if lsn in parts)
     return settled
 
 
@@ -244,6 +267,7 @@ class Writer:
         self.sync_interval = sync_interval
         self.loop = loop
         self.stats = WalStats()
+        self.salt = recovered.salt
         self.error: LogFailed | None = None
         self.disk_bytes = sum(s.size for s in recovered.segments)
         self._segments = recovered.segments
@@ -274,7 +298,10 @@ class Writer:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
-        if self._fd >= 0:
+        if self._thread.is_alive():  # a disk that hangs: leave its file to the thread, say so
+            log.error("the write-ahead log's writer did not finish within %.0fs; what it had queued may not be on "
+                      "disk", timeout, extra={"wal_dir": str(self.directory)})
+        elif self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
@@ -283,7 +310,13 @@ class Writer:
     def _run(self) -> None:
         while True:
             self._idle = True
-            if not self._queue:
+            if self.error is not None and not self._stop:
+                # A failed disk: try again a moment later (what failed is queued again), or, with
+                # nothing to write, probe it, so the log comes back by itself once there is room.
+                self._wake.wait(FAULT_RETRY)
+                if not self._queue:
+                    self._queue.append((_DONE, None, 0, 0, [], None))  # an empty DONE: harmless on disk
+            elif not self._queue:
                 if self._stop:
                     self._sync([])
                     return
@@ -297,13 +330,15 @@ class Writer:
             waiters = [item[5] for item in group if item[5] is not None]
             try:
                 self._write(group)
-                if waiters or (self._unsynced_since is not None
-                               and time.monotonic() - self._unsynced_since >= self.sync_interval):
+                if waiters or self.error is not None or (self._unsynced_since is not None and
+                                                         time.monotonic() - self._unsynced_since >= self.sync_interval):
                     self._sync(waiters)
                 if self._size >= self.segment_bytes:
                     self._rotate()
-            except OSError as exc:
-                self._failed(exc, waiters)
+            except Exception as exc:  # never a silent death: DURABLE writers would wait forever
+                self._failed(exc, group)
+                if self._stop and not isinstance(exc, OSError):
+                    return
 
     def _take(self) -> list[Item]:
         group: list[Item] = []
@@ -325,15 +360,15 @@ class Writer:
             if kind == _ROWS:
                 j, parts = self._pack(group, i)
                 key, first = group[i][1], group[i][2]
-                buffers += fmt.rows_record(first, key[1], key[0], parts)
+                buffers += fmt.rows_record(first, key[1], key[0], parts, self.salt)
                 written.append((first, len(parts)))
                 i = j
                 continue
             item = group[i]
             if kind == _BATCH:
-                buffers += fmt.batch_record(item[1], item[4])
+                buffers += fmt.batch_record(item[1], item[4], self.salt)
             elif kind == _DONE:
-                buffers += fmt.done_record(item[4])
+                buffers += fmt.done_record(item[4], self.salt)
                 settles += item[4]
             i += 1
         if buffers:
@@ -394,35 +429,51 @@ class Writer:
         if waiters:
             self.loop.call_soon_threadsafe(_resolve, waiters, None)
 
-    def _failed(self, exc: OSError, waiters: list[asyncio.Future[None]]) -> None:
-        error = LogFailed(exc.errno, f"the write-ahead log in {self.directory} cannot be written: "
-                                     f"{os.strerror(exc.errno) if exc.errno else exc}")
+    def _failed(self, exc: Exception, group: list[Item]) -> None:
+        """A write or sync failed: its DURABLE writers and batches hear it at once (the service takes
+        those requests back, the flusher asks again); the rest of the group — BUFFERED requests
+        already acknowledged, DONE records — is queued again, in order, and written once the disk
+        takes it (which also ends the fault)."""
+        errno = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+        error = LogFailed(errno, f"the write-ahead log in {self.directory} cannot be written: "
+                                 f"{os.strerror(errno) if errno else repr(exc)}")
         if self.error is None:
-            log.error("%s; DURABLE writes are refused until it can", error.strerror,
-                      extra={"wal_dir": str(self.directory)})
+            log.error("%s; writes are refused until it can (retried every %gs)", error.strerror, FAULT_RETRY,
+                      extra={"wal_dir": str(self.directory)}, exc_info=None if errno else exc)
         self.error = error
+        waiters = [item[5] for item in group if item[5] is not None]
+        # What settled may go from disk even though its DONE record could not be written: a settled
+        # segment is safe to delete at any time, and on a full disk that is what frees room.
+        self._settle([r for item in group if item[0] == _DONE for r in item[4]])
+        self._queue.extendleft(reversed([item for item in group if item[5] is None and item[0] != _SYNC]))
         if waiters:
             self.loop.call_soon_threadsafe(_resolve, waiters, error)
 
     def _open_segment(self, number: int) -> None:
         path = self.directory / fmt.segment_name(number)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        fmt.fsync_dir(self.directory)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            fmt.fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd = fd
         self._size = 0
         self._segments.append(SegmentInfo(number))
 
     def _rotate(self) -> None:
         self._sync([])
-        os.close(self._fd)
-        self._fd = -1
-        self._open_segment(self._segments[-1].number + 1)
+        old = self._fd
+        self._open_segment(self._segments[-1].number + 1)  # should this fail, the old one stays in use
+        os.close(old)
         self._delete_settled()
 
     def _settle(self, ranges: list[Range]) -> None:
         # A handful of segments and of ranges per DONE: a plain scan is cheaper than an index.
         for first, n in ranges:
             for seg in self._segments:
-                seg.settled += seg.overlap(first, n)
+                seg.settle(first, n)
         self._delete_settled()
 
     def _delete_settled(self) -> None:

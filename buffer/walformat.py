@@ -11,7 +11,9 @@ Every record is framed on its own, so one that cannot be trusted costs only itse
     magic "IBW1" | u32 body length | u32 CRC32C of (length, kind, body) | u8 kind | body
 
 The CRC covers the length, so a torn or flipped length is caught like a torn body; the magic lets a
-reader find the next record after damage. Kinds:
+reader find the next record after damage. The CRC starts from the log's own random salt (in
+``wal.meta``), so bytes a client sent that happen to hold a whole frame never pass for a record when
+a reader looks for the next one after damage. Kinds:
 
 * ROWS — requests for one (table, format): ``u64 first lsn | u16 parts | u8 format | u8 table
   length | table | (u32 rows, u32 bytes) per part | the parts' payloads``. Every accepted request
@@ -34,6 +36,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import struct
 import uuid
 from collections.abc import Iterator
@@ -89,16 +92,16 @@ def segment_numbers(directory: Path) -> list[int]:
 
 # ----- encoding ----------------------------------------------------------------------------------
 
-def frame(kind: Kind, parts: list[bytes]) -> list[bytes]:
+def frame(kind: Kind, parts: list[bytes], salt: int) -> list[bytes]:
     """The record as buffers to write in order (payloads are not copied)."""
     length = sum(len(p) for p in parts)
-    crc = crc32c.crc32c(LENGTH_KIND.pack(length, kind))
+    crc = crc32c.crc32c(LENGTH_KIND.pack(length, kind), salt)
     for p in parts:
         crc = crc32c.crc32c(p, crc)
     return [HEADER.pack(MAGIC, length, crc, kind), *parts]
 
 
-def rows_record(first_lsn: int, fmt: str, table: str, parts: list[tuple[int, bytes]]) -> list[bytes]:
+def rows_record(first_lsn: int, fmt: str, table: str, parts: list[tuple[int, bytes]], salt: int) -> list[bytes]:
     name = table.encode()
     head = ROWS_HEAD.pack(first_lsn, len(parts), FORMAT_CODE[fmt], len(name)) + name
     flat = [n for rows, payload in parts for n in (rows, len(payload))]
@@ -106,26 +109,26 @@ def rows_record(first_lsn: int, fmt: str, table: str, parts: list[tuple[int, byt
     payloads = [payload for _, payload in parts]
     if len(payloads) > 1 and sum(len(p) for p in payloads) < 64 * 1024:
         payloads = [b"".join(payloads)]  # small requests: one buffer to checksum and write, not hundreds
-    return frame(Kind.ROWS, [head, sizes, *payloads])
+    return frame(Kind.ROWS, [head, sizes, *payloads], salt)
 
 
 def ranges_body(ranges: list[Range]) -> bytes:
     return COUNT.pack(len(ranges)) + b"".join(RANGE.pack(first, n) for first, n in ranges)
 
 
-def batch_record(token: str, ranges: list[Range]) -> list[bytes]:
+def batch_record(token: str, ranges: list[Range], salt: int) -> list[bytes]:
     raw = token.encode()
-    return frame(Kind.BATCH, [TOKEN_LENGTH.pack(len(raw)) + raw, ranges_body(ranges)])
+    return frame(Kind.BATCH, [TOKEN_LENGTH.pack(len(raw)) + raw, ranges_body(ranges)], salt)
 
 
-def done_record(ranges: list[Range]) -> list[bytes]:
-    return frame(Kind.DONE, [ranges_body(ranges)])
+def done_record(ranges: list[Range], salt: int) -> list[bytes]:
+    return frame(Kind.DONE, [ranges_body(ranges)], salt)
 
 
 def to_ranges(lsns: list[int]) -> list[Range]:
-    """Consecutive runs of (sorted or not) lsns, as (first, count)."""
+    """Runs of consecutive lsns, as (first, count), in the order given: a batch comes back in its order."""
     out: list[Range] = []
-    for lsn in sorted(lsns):
+    for lsn in lsns:
         if out and out[-1][0] + out[-1][1] == lsn:
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
@@ -197,7 +200,7 @@ class Scanned:
     body: memoryview = field(repr=False)
 
 
-def scan(data: memoryview, damage: Damage) -> Iterator[Scanned]:
+def scan(data: memoryview, damage: Damage, salt: int) -> Iterator[Scanned]:
     """The records of one segment's bytes, in order; damage is skipped and counted.
 
     The good end of the data is ``damage``'s business too: after the loop, bytes that did not make a
@@ -206,13 +209,13 @@ def scan(data: memoryview, damage: Damage) -> Iterator[Scanned]:
     end = len(data)
     at = 0
     while at < end:
-        record = _record_at(data, at)
+        record = _record_at(data, at, salt)
         if record is not None:
             kind, length = record
             yield Scanned(kind, at, data[at + HEADER.size:at + HEADER.size + length])
             at += HEADER.size + length
             continue
-        resume = _next_record(data, at + 1)
+        resume = _next_record(data, at + 1, salt)
         if resume is None:
             damage.torn_bytes += end - at  # nothing whole after it: a write the crash cut short
             return
@@ -221,20 +224,20 @@ def scan(data: memoryview, damage: Damage) -> Iterator[Scanned]:
         at = resume
 
 
-def _record_at(data: memoryview, at: int) -> tuple[Kind, int] | None:
+def _record_at(data: memoryview, at: int, salt: int) -> tuple[Kind, int] | None:
     if len(data) - at < HEADER.size:
         return None
     magic, length, crc, kind = HEADER.unpack_from(data, at)
     if magic != MAGIC or length > MAX_BODY or at + HEADER.size + length > len(data):
         return None
     start = at + HEADER.size
-    check = crc32c.crc32c(data[start:start + length], crc32c.crc32c(LENGTH_KIND.pack(length, kind)))
+    check = crc32c.crc32c(data[start:start + length], crc32c.crc32c(LENGTH_KIND.pack(length, kind), salt))
     if check != crc or kind not in Kind._value2member_map_:
         return None
     return Kind(kind), length
 
 
-def _next_record(data: memoryview, start: int) -> int | None:
+def _next_record(data: memoryview, start: int, salt: int) -> int | None:
     """The offset of the next magic at which a whole, valid record begins."""
     raw = data.obj if isinstance(data.obj, bytes) and len(data.obj) == len(data) else bytes(data)
     at = start
@@ -242,7 +245,7 @@ def _next_record(data: memoryview, start: int) -> int | None:
         at = raw.find(MAGIC, at)
         if at < 0:
             return None
-        if _record_at(data, at) is not None:
+        if _record_at(data, at, salt) is not None:
             return at
         at += 1
 
@@ -273,6 +276,10 @@ def open_meta(directory: Path, *, create: bool) -> dict[str, object]:
                            "another --wal-dir")
         if version < 1:
             raise LogError(f"{meta_path} has an unknown format {version}: point --wal-dir elsewhere")
+        if not isinstance(meta.get("instance"), str) or not meta["instance"] or not isinstance(meta.get("salt"), int):
+            raise LogError(f"{meta_path} is damaged (its instance or salt is missing): the log cannot be read as it "
+                           "is; move the directory aside (ingest-buffer wal inspect shows what it held) and start "
+                           "with an empty --wal-dir")
         return dict(meta)
     others = [p.name for p in directory.iterdir() if p.name != LOCK_NAME] if directory.exists() else []
     if others:
@@ -281,7 +288,7 @@ def open_meta(directory: Path, *, create: bool) -> dict[str, object]:
     if not create:
         raise LogError(f"{directory} holds no write-ahead log (no {META_NAME})")
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_VERSION, "instance": uuid.uuid4().hex[:12]}
+    meta = {"format": FORMAT_VERSION, "instance": uuid.uuid4().hex[:12], "salt": secrets.randbits(32)}
     tmp = directory / (META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f)

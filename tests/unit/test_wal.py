@@ -265,3 +265,138 @@ def test_wal_check_exits_0_when_whole_1_when_damaged_2_when_no_log(golden: tuple
     damaged = check(path)
     assert damaged.returncode == 1 and "corrupt places" in damaged.stderr
     assert check(tmp_path / "nothing").returncode == 2
+
+
+# ----- regressions found by review, each failing before its fix ---------------------------------
+
+def _rig(wal: WriteAheadLog, sink: object = None, **policy: object) -> tuple[object, object, object]:
+    from buffer.flusher import Flusher, FlushPolicy
+    from buffer.lifecycle import Lifecycle
+    from buffer.ring import Ring, WhenFull
+    from tests.fakes import MemorySink
+
+    p = FlushPolicy(**{"max_rows": 1000, "max_bytes": 1 << 20, "max_age": 0.05, **policy})  # type: ignore[arg-type]
+    ring = Ring(10_000_000, 1_000_000, WhenFull.REJECT, batch_rows=p.max_rows, batch_bytes=p.max_bytes)
+    flusher = Flusher(ring, sink or MemorySink(), p, Lifecycle("gateway", 30.0), instance="x", wal=wal)
+    return ring, flusher, sink
+
+
+async def _until(predicate: object, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_requests_joined_into_one_entry_are_all_settled_and_their_segments_go(tmp_path: Path) -> None:
+    wal = await opened(tmp_path, segment_bytes=2048)
+    ring, flusher, _ = _rig(wal)
+    task = asyncio.create_task(flusher.run())  # type: ignore[attr-defined]
+    for i in range(100):
+        lsn = wal.reserve()
+        if not ring.try_append(KEY, row(i), 1, lsn):  # type: ignore[attr-defined]
+            from buffer.ring import Entry
+
+            ring.offer(Entry(KEY, row(i), 1, lsn=lsn))  # type: ignore[attr-defined]
+        wal.put_rows(KEY, lsn, 1, row(i), False)
+    await _until(lambda: ring.outstanding == 0)  # type: ignore[attr-defined]
+    await wal.sync()
+    flusher.lifecycle.shutdown()  # type: ignore[attr-defined]
+    await flusher.stop()  # type: ignore[attr-defined]
+    await task
+    wal.close()
+    got = recover(tmp_path)
+    assert not got.pending and not got.unsettled, "every joined request was settled"
+    assert len(fmt.segment_numbers(tmp_path)) <= 2, "and the settled segments were deleted"
+
+
+async def test_a_resent_batch_takes_no_new_rows_and_is_never_dropped(tmp_path: Path) -> None:
+    from buffer.ring import Entry, Ring, WhenFull
+
+    ring = Ring(300, 1000, WhenFull.DROP_OLDEST)
+    batch = [Entry(KEY, b"x" * 99 + b"\n", 1, lsn=lsn, replay_token="tok") for lsn in (1, 2)]
+    batch[0].replay_count = 2
+    ring.readmit(batch)
+    assert not ring.try_append(KEY, row(9), 1, 3), "new rows never join a batch resent under its token"
+    with pytest.raises(Exception, match="buffer full"):
+        ring.offer(Entry(OTHER, b"y" * 150 + b"\n", 1))  # no room, and the resent batch may not be dropped
+    assert ring.take(KEY, 1, 1) == batch, "it goes out whole, whatever the batch sizes"
+
+
+async def test_a_committed_batch_across_a_deleted_segment_is_not_resent_and_settling_counts_once(
+        tmp_path: Path) -> None:
+    wal = await opened(tmp_path, segment_bytes=250)
+    for i in (1, 2, 3, 4):
+        await wal.append(KEY, b"%d" % i * 100 + b"\n", 1, durable=True)[1]  # type: ignore[misc]
+    await wal.settle([1], durable=True)  # type: ignore[misc]
+    await wal.log_batch("tok-B", [2, 3])  # lsn 2 in the first segment, 3 in the second
+    await wal.settle([2, 3], durable=True)  # type: ignore[misc]
+    await wal.settle([3], durable=True)  # type: ignore[misc]  # a second settle of the same lsn counts once
+    wal.close()
+    got = recover(tmp_path)
+    assert not got.pending, "B committed: its DONE is gone with the first segment, but it is not resent"
+    assert [p.lsn for p in got.unsettled] == [4]
+    assert any(s.requests > s.settled for s in got.segments), "the segment holding lsn 4 is still there"
+
+
+async def test_a_durable_request_is_not_flushed_before_its_fsync_and_is_taken_back_when_it_fails(
+        tmp_path: Path) -> None:
+    from buffer.ring import Entry, Ring, State, WhenFull
+
+    ring = Ring(10_000, 1000, WhenFull.REJECT)
+    entry = Entry(KEY, row(1), 1, lsn=1, syncing=True)
+    ring.offer(entry)
+    assert ring.take(KEY, 10, 10_000) == [], "not while its fsync is out"
+    assert not ring.try_append(KEY, row(2), 1, 2), "and nothing joins it"
+    assert ring.withdraw(entry) and entry.state is State.FAILED and ring.ledger.accepted_rows == 0
+
+
+async def test_the_writer_comes_back_by_itself_after_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    import errno
+
+    import buffer.wal as walmod
+
+    wal = await opened(tmp_path)
+    monkeypatch.setattr(walmod, "FAULT_RETRY", 0.05)
+    real = os.writev
+    failing = [True]
+
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        if failing[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(walmod.os, "writev", writev)
+    lsn, _ = wal.append(KEY, row(1), 1, durable=False)  # acknowledged BUFFERED: kept, written later
+    _, durable = wal.append(KEY, row(2), 1, durable=True)
+    with pytest.raises(OSError):
+        await asyncio.wait_for(durable, 5)  # type: ignore[arg-type]
+    assert wal.error is not None
+    failing[0] = False  # room again: no write from outside is needed for the log to notice
+    await _until(lambda: wal.error is None)
+    wal.close()
+    assert [p.lsn for p in recover(tmp_path).unsettled] == [lsn], "the BUFFERED row was written once it could"
+
+
+def test_a_frame_forged_without_the_logs_salt_is_never_read_as_a_record(golden: tuple[Path, dict[int, bytes]],
+                                                                       tmp_path: Path) -> None:
+    path = _copy(golden[0], tmp_path / "log")
+    seg = _segment(path)
+    forged = b"".join(fmt.done_record([(1, 12)], 0))  # what a client could put in a payload
+    data = bytearray(seg.read_bytes())
+    data[5] ^= 0xFF  # damage at the start: the reader looks for the next record
+    seg.write_bytes(bytes(data[:20]) + forged + bytes(data[20:]))
+    got = recover(path)
+    assert all(lsn in {p.lsn for p in got.unsettled} for lsn in list(golden[1])[1:]), "nothing settled by the fake"
+
+
+def test_a_damaged_meta_file_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    fmt.open_meta(log, create=True)
+    meta = json.loads((log / fmt.META_NAME).read_text())
+    del meta["instance"]
+    (log / fmt.META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(fmt.LogError, match="is damaged"):
+        recover(log)
