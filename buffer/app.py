@@ -164,9 +164,9 @@ class App:
         log.info("write-ahead log in %s: %d segments, %d rows to replay", wal.directory, len(recovered.segments),
                  recovered.unsettled_rows, extra={"wal_dir": str(wal.directory)})
         wal.start(asyncio.get_running_loop())
-        self.replay = Replay(wal, recovered, self.ring)
+        self.replay = Replay(wal, recovered, self.ring, self.service.spill)
         self.replay.until(self.lifecycle.remaining)
-        self.service.replayed = self.replay.done
+        self.service.replay = self.replay
         return True
 
     async def _open_embedded(self) -> bool:

@@ -66,6 +66,9 @@ class Reason(enum.Enum):
                                                    "the traceback)")
     KEPT_IN_LOG = ("kept_in_log", Fate.LOGGED,
                    "were not flushed before the drain deadline and stay in the write-ahead log for the next start")
+    UNREADABLE_IN_LOG = ("unreadable_in_log", Fate.LOST,
+                         "were accepted onto disk while the buffer's memory was full and could not be read back "
+                         "(the write-ahead log was damaged)")
     DEAD_LETTERS_DELETED = ("dead_letters_deleted", Fate.LOST,
                             "were deleted from the dead-letter store when it grew past --dead-letter-max-bytes")
 

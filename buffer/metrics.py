@@ -98,6 +98,10 @@ def _register_wal(t: Telemetry, wal: WriteAheadLog, replay: Callable[[], Replay 
               _one(lambda: wal.writer.stats.fsyncs if wal.started else 0))
     t.observe("ingest_buffer_wal_replayed_rows", "rows read back from the write-ahead log at start",
               _one(lambda: (r.replayed_rows if (r := replay()) is not None else 0)), unit="{row}")
+    t.observe("ingest_buffer_wal_disk_only_rows", "rows accepted onto disk only (memory was full), not yet read back",
+              _one(lambda: (r.spill.rows if (r := replay()) is not None else 0)), unit="{row}", kind="gauge")
+    t.observe("ingest_buffer_wal_spilled_rows", "rows accepted onto disk only because memory was full",
+              _one(lambda: (r.spill.spilled_rows if (r := replay()) is not None else 0)), unit="{row}")
     t.observe("ingest_buffer_wal_torn", "bytes of a torn last write cut off at start", damage("torn_bytes"),
               unit="By")
     t.observe("ingest_buffer_wal_corrupt", "bytes of the log skipped at start as damaged (their rows are lost)",

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from buffer.ledger import Ledger, Outcome, Reason
 from buffer.refusals import BufferClosed, BufferFull
 
-__all__ = ["Barrier", "BufferClosed", "BufferFull", "Entry", "EntryFailed", "Key", "Ring", "State", "WhenFull"]
+__all__ = ["CLOSED", "Barrier", "BufferClosed", "BufferFull", "Entry", "EntryFailed", "Key", "Ring", "State",
+           "WhenFull"]
 
 
 class WhenFull(enum.Enum):
@@ -107,7 +108,7 @@ class Barrier:
 
 
 _DROPPED = Outcome(Reason.DROPPED_OLDEST)
-_CLOSED = "the buffer is draining and accepts no new rows: it is shutting down; send to another replica"
+CLOSED = "the buffer is draining and accepts no new rows: it is shutting down; send to another replica"
 
 
 class Ring:
@@ -219,7 +220,7 @@ class Ring:
     def offer(self, entry: Entry) -> None:
         """Adds the entry now or raises BufferFull / BufferClosed. Never waits."""
         if self._closed:
-            raise BufferClosed(_CLOSED)
+            raise BufferClosed(CLOSED)
         if entry.size > self.max_bytes or entry.rows > self.max_rows:
             raise ValueError("entry larger than the whole buffer")
         if self.try_admit(entry):
@@ -230,12 +231,18 @@ class Ring:
                 return
         raise BufferFull(self._full_message(), self.retry_after())
 
-    def admit_from_log(self, entry: Entry) -> bool:
+    def admit_from_log(self, entry: Entry, *, counted: bool = False) -> bool:
         """Adds a request read back from the write-ahead log if it fits now, whatever the policy and
-        even while draining (it was acknowledged long ago); False when there is no room yet."""
+        even while draining (it was acknowledged long ago); False when there is no room yet.
+        ``counted``: the ledger counted it in when it was accepted onto disk (a spilled request)."""
         if not self._fits(entry.size, entry.rows):
             return False
         self._admit(entry)
+        if counted:
+            ledger = self.ledger
+            ledger.accepted_rows -= entry.rows
+            ledger.accepted_bytes -= entry.size
+            ledger.accepted_requests -= 1
         return True
 
     async def put(self, entry: Entry, timeout: float) -> None:
@@ -244,7 +251,7 @@ class Ring:
             self.offer(entry)
             return
         if self._closed:
-            raise BufferClosed(_CLOSED)
+            raise BufferClosed(CLOSED)
         if self.try_admit(entry):
             return
         # Waiters are admitted strictly in arrival order so a large request is not starved.

@@ -31,7 +31,8 @@ from buffer.refusals import (
     UnknownTable,
     Unsupported,
 )
-from buffer.ring import Entry, EntryFailed, Ring, State
+from buffer.replay import Replay, Spill
+from buffer.ring import CLOSED, Entry, EntryFailed, Key, Ring, WhenFull
 from buffer.wal import LogFailed, WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ STATUS: dict[type[Refusal], grpc.StatusCode] = {
     LogUnavailable: grpc.StatusCode.UNAVAILABLE,
     CommitFailed: grpc.StatusCode.ABORTED,
 }
+# With the log on: the most payload that may wait for the writer (beyond it, the disk is not keeping
+# up and writes are refused as if full), and how often a write waiting for room looks again.
+BACKLOG_BYTES = 32 << 20
+ROOM_POLL = 0.05
 _COMMITTED = pb.ACK_LEVEL_COMMITTED
 _DURABLE = pb.ACK_LEVEL_DURABLE
 # What _accept hands back: rows, bytes, the entry a COMMITTED ack waits on, the fsync a DURABLE one waits
@@ -84,7 +89,8 @@ class IngestService:
                  wal: WriteAheadLog | None = None) -> None:
         self.ring = ring
         self.wal = wal
-        self.replayed: asyncio.Event | None = None  # set once the log's rows are all back in the ring
+        self.replay: Replay | None = None  # reads back what is in the log and not in memory
+        self.spill = Spill(ring)  # requests accepted onto disk only
         self.ledger: Ledger = ring.ledger
         self.catalog = catalog
         self.max_request_bytes = max_request_bytes
@@ -113,16 +119,14 @@ class IngestService:
             if columns:
                 refuse_header(fmt, payload, columns)
         key = (table, fmt)
-        committed = ack == _COMMITTED
-        wal = self.wal
-        lsn = self._log_room(wal, len(payload)) if wal is not None else 0
+        if self.wal is not None:
+            return await self._accept_logged(self.wal, key, payload, rows, lines, ack, context)
         # The common cases, with room: joined to the newest entry of its table (small writes
         # in a row), or a new entry; no waiting to set up.
-        if ack == pb.ACK_LEVEL_BUFFERED and lines and self.ring.try_append(key, payload, rows, lsn):
-            if wal is not None:
-                wal.put_rows(key, lsn, rows, payload, False)
+        if ack == pb.ACK_LEVEL_BUFFERED and lines and self.ring.try_append(key, payload, rows):
             return rows, len(payload), None, None, None
-        entry = Entry(key, payload, rows, lsn=lsn, syncing=ack == _DURABLE)
+        entry = Entry(key, payload, rows)
+        committed = ack == _COMMITTED
         if committed:
             entry.waiter = asyncio.get_running_loop().create_future()
         if not self.ring.try_admit(entry):
@@ -130,18 +134,49 @@ class IngestService:
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, max(0.0, remaining - 0.05))
-            try:
-                await self.ring.put(entry, timeout)
-            except asyncio.CancelledError:
-                if wal is not None and entry.seq and entry.state is State.PENDING:
-                    # Admitted just as the caller went away: the rows are accepted, so they are logged.
-                    entry.syncing = False
-                    wal.put_rows(key, lsn, rows, payload, False)
-                raise
-        synced = wal.put_rows(key, lsn, rows, payload, ack == _DURABLE) if wal is not None else None
-        if synced is not None:
-            synced.add_done_callback(functools.partial(self._synced, entry))
-        return entry.rows, entry.size, entry if committed else None, synced, entry
+            await self.ring.put(entry, timeout)
+        return entry.rows, entry.size, entry if committed else None, None, entry
+
+    async def _accept_logged(self, wal: WriteAheadLog, key: Key, payload: bytes, rows: int, lines: bool,
+                             ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Accepted:
+        """With the log: into memory and the log when memory has room and nothing waits on disk
+        only; otherwise onto disk only (the spill), read back in order as room frees. Every refusal
+        comes before the request takes its lsn, so a run of spilled requests has no gaps."""
+        size = len(payload)
+        ring = self.ring
+        await self._log_room(wal, size, context)
+        if ring.closed:
+            raise BufferClosed(CLOSED)
+        lsn = wal.reserve()
+        committed = ack == _COMMITTED
+        durable = ack == _DURABLE
+        spill = self.spill
+        if not spill.active:
+            if ack == pb.ACK_LEVEL_BUFFERED and lines and ring.try_append(key, payload, rows, lsn):
+                wal.put_rows(key, lsn, rows, payload, False)
+                return rows, size, None, None, None
+            entry = Entry(key, payload, rows, lsn=lsn, syncing=durable)
+            if committed:
+                entry.waiter = asyncio.get_running_loop().create_future()
+            if ring.try_admit(entry):
+                synced = wal.put_rows(key, lsn, rows, payload, durable)
+                if synced is not None:
+                    synced.add_done_callback(functools.partial(self._synced, entry))
+                return rows, size, entry if committed else None, synced, entry
+        # Memory is full, or requests wait on disk already: onto disk only. An entry (without its
+        # payload) is kept only for a writer that waits: COMMITTED, or DURABLE until its reply.
+        spilled: Entry | None = None
+        if committed or durable:
+            spilled = Entry(key, b"", rows, lsn=lsn)
+            spilled.size = size
+            if committed:
+                spilled.waiter = asyncio.get_running_loop().create_future()
+        position = wal.writer.position
+        synced = wal.put_rows(key, lsn, rows, payload, durable)
+        spill.add(lsn, rows, size, position, spilled)
+        if synced is not None and spilled is not None:
+            synced.add_done_callback(functools.partial(self._synced, spilled))
+        return rows, size, spilled if committed else None, synced, spilled
 
     def _synced(self, entry: Entry, fut: asyncio.Future[None]) -> None:
         """A DURABLE request's fsync is done: the flusher may take it now — or, when it failed, the
@@ -149,31 +184,58 @@ class IngestService:
         entry.syncing = False
         if fut.cancelled() or fut.exception() is None:
             self.ring.arrived.set()
-        elif self.ring.withdraw(entry) and self.wal is not None:
-            self.wal.settle(entry.lsns())  # should its record be on disk after all, it never replays
+        else:
+            self._withdraw(entry)
 
-    def _log_room(self, wal: WriteAheadLog, size: int) -> int:
+    def _withdraw(self, entry: Entry) -> None:
+        """Takes a refused request back, from memory or from disk; should its record be on disk after
+        all, it never replays."""
+        if self.spill.withdraw(entry) and self.wal is not None:
+            self.wal.settle(entry.lsns())
+
+    async def _log_room(self, wal: WriteAheadLog, size: int, context: aio.ServicerContext[Any, Any]) -> None:
+        """Refuses when the log cannot take the request: a failing disk, a full one (``--when-full
+        block`` waits for room, up to ``--block-timeout``), or a writer that is not keeping up."""
         if wal.error is not None:
             raise LogUnavailable(f"{wal.error.strerror}; rows cannot be made safe there: retry, or send to another "
                                  "replica")
+        if wal.disk_bytes + size <= wal.max_bytes and wal.backlog <= BACKLOG_BYTES:
+            return
+        waited = 0.0
+        if self.ring.when_full is WhenFull.BLOCK:
+            timeout = self.block_timeout
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, max(0.0, remaining - 0.05))
+            while waited < timeout and (wal.disk_bytes + size > wal.max_bytes or wal.backlog > BACKLOG_BYTES):
+                await asyncio.sleep(ROOM_POLL)
+                waited += ROOM_POLL
+            if wal.error is None and wal.disk_bytes + size <= wal.max_bytes and wal.backlog <= BACKLOG_BYTES:
+                return
+        after = f"; waited {waited:g}s" if waited else ""
         if wal.disk_bytes + size > wal.max_bytes:
             raise BufferFull(f"the write-ahead log in {wal.directory} is full: {wal.disk_bytes}/{wal.max_bytes} "
-                             "bytes (--wal-max-bytes) while ClickHouse catches up", 1.0)
-        return wal.reserve()
+                             f"bytes (--wal-max-bytes) while ClickHouse catches up{after}", 1.0)
+        raise BufferFull(f"the disk under the write-ahead log in {wal.directory} is not keeping up: {wal.backlog} "
+                         f"bytes wait to be written{after}", 0.5)
 
     async def _durable(self, waits: list[tuple[asyncio.Future[None], Entry]]) -> int:
         """Waits for the fsyncs; returns how many requests, from the first, are on disk. A failed one
         was taken back already (_synced); those after it are refused with it, so they are taken back
         too: a row is never both refused and kept."""
-        for i, (fut, _) in enumerate(waits):
-            try:
-                await fut
-            except LogFailed:
-                for later, entry in waits[i + 1:]:  # on disk or not, they are refused with the rest
-                    if later.done() and later.exception() is None and self.ring.withdraw(entry) and self.wal:
-                        self.wal.settle(entry.lsns())
-                return i
-        return len(waits)
+        try:
+            for i, (fut, _) in enumerate(waits):
+                try:
+                    await fut
+                except LogFailed:
+                    for later, entry in waits[i + 1:]:  # on disk or not, they are refused with the rest
+                        if later.done() and later.exception() is None:
+                            self._withdraw(entry)
+                    return i
+            return len(waits)
+        finally:
+            for _, entry in waits:
+                self.spill.forget(entry)  # a spilled one needs no entry until it is read back
 
     async def _committed(self, entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises CommitFailed if any failed."""
@@ -261,8 +323,8 @@ class IngestService:
                               "and were not kept; retry, or send to another replica")
 
     async def Flush(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.FlushResponse:
-        if self.replayed is not None:
-            await self.replayed.wait()  # rows still coming back from the log were accepted before this call
+        if self.replay is not None:
+            await self.replay.caught_up()  # rows still coming back from the log were accepted before this call
         barrier = self.ring.barrier()
         if self.on_barrier is not None:
             self.on_barrier()

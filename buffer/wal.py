@@ -212,6 +212,60 @@ def _settle(parts: dict[int, Part], done: list[Range], segments: list[SegmentInf
     return settled
 
 
+@dataclass
+class ReadBack:
+    """What ``read_rows`` found: the requests of ROWS records, in file order, and where to go on."""
+
+    parts: list[tuple[int, Key, int, bytes]]  # (lsn, key, rows, payload)
+    segment: int
+    offset: int
+    damage: Damage
+
+
+def read_rows(directory: Path, salt: int, segment: int, offset: int, synced: tuple[int, int],
+              limit: int) -> ReadBack:
+    """Reads the requests written from ``offset`` of ``segment`` on, about ``limit`` bytes of them, no
+    further than what the writer has synced (``synced``: its segment and offset); a worker thread
+    calls this. The next read starts at the returned position; a segment that is gone (every
+    request in it settled) or read to its end moves it to the next segment."""
+    damage = Damage()
+    try:
+        fd = os.open(directory / fmt.segment_name(segment), os.O_RDONLY)
+    except FileNotFoundError:
+        return ReadBack([], segment + 1, 0, damage)
+    try:
+        end = synced[1] if segment == synced[0] else os.fstat(fd).st_size
+        want = min(end - offset, limit)
+        data = os.pread(fd, want, offset) if want > 0 else b""
+        if len(data) >= fmt.HEADER.size:
+            _, length, _, _ = fmt.HEADER.unpack_from(data, 0)
+            whole = fmt.HEADER.size + length
+            if whole > len(data) and offset + whole <= end:  # one record larger than the limit: all of it
+                data = os.pread(fd, whole, offset)
+    finally:
+        os.close(fd)
+    view = memoryview(data)
+    parts: list[tuple[int, Key, int, bytes]] = []
+    stop = 0
+    for record in fmt.scan(view, damage, salt):
+        stop = record.offset + fmt.HEADER.size + len(record.body)
+        if record.kind is not Kind.ROWS:
+            continue
+        try:
+            rows = fmt.decode_rows(record.body, record.offset + fmt.HEADER.size)
+        except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+            damage.corrupt_records += 1
+            damage.corrupt_bytes += fmt.HEADER.size + len(record.body)
+            continue
+        key = (rows.table, rows.fmt)
+        for i, (n, at, size) in enumerate(rows.parts):
+            parts.append((rows.first_lsn + i, key, n, data[at:at + size]))
+    damage.torn_bytes = 0  # the limit cuts records short: that is where the next read starts
+    if offset + stop >= end and segment < synced[0]:
+        return ReadBack(parts, segment + 1, 0, damage)
+    return ReadBack(parts, segment, offset + stop, damage)
+
+
 def read_part(directory: Path, part: Part) -> bytes:
     """A request's payload, read back from its segment (a worker thread calls this)."""
     return read_parts(directory, [part])[0]
@@ -280,6 +334,11 @@ class Writer:
         self._idle = True
         self._fd = -1
         self._size = 0
+        # Read by the loop (a tuple is replaced whole): where the last write ended, and how far the
+        # log is fsynced — what the spill reader may read back.
+        self.position: tuple[int, int] = (0, 0)
+        self.synced: tuple[int, int] = (0, 0)
+        self.taken_bytes = 0  # payload bytes taken off the queue (written by this thread only)
         self._open_segment((recovered.segments[-1].number + 1) if recovered.segments else 1)
         self._thread = threading.Thread(target=self._run, name="wal-writer", daemon=True)
 
@@ -348,6 +407,7 @@ class Writer:
             group.append(item)
             if item[0] == _ROWS:
                 size += len(item[4])
+        self.taken_bytes += size
         return group
 
     def _write(self, group: list[Item]) -> None:
@@ -415,6 +475,7 @@ class Writer:
             os.lseek(self._fd, start, os.SEEK_SET)
             raise
         self._size += total
+        self.position = (self._segments[-1].number, self._size)
         self.disk_bytes += total
         self.stats.bytes_written += total
 
@@ -425,6 +486,7 @@ class Writer:
             self.stats.fsync_seconds.append(time.perf_counter() - t0)
             self.stats.fsyncs += 1
             self._unsynced_since = None
+        self.synced = self.position
         self.error = None
         if waiters:
             self.loop.call_soon_threadsafe(_resolve, waiters, None)
@@ -445,7 +507,9 @@ class Writer:
         # What settled may go from disk even though its DONE record could not be written: a settled
         # segment is safe to delete at any time, and on a full disk that is what frees room.
         self._settle([r for item in group if item[0] == _DONE for r in item[4]])
-        self._queue.extendleft(reversed([item for item in group if item[5] is None and item[0] != _SYNC]))
+        again = [item for item in group if item[5] is None and item[0] != _SYNC]
+        self.taken_bytes -= sum(len(item[4]) for item in again if item[0] == _ROWS)
+        self._queue.extendleft(reversed(again))
         if waiters:
             self.loop.call_soon_threadsafe(_resolve, waiters, error)
 
@@ -461,6 +525,7 @@ class Writer:
         self._fd = fd
         self._size = 0
         self._segments.append(SegmentInfo(number))
+        self.position = self.synced = (number, 0)  # the segment before was synced whole (_rotate)
 
     def _rotate(self) -> None:
         self._sync([])
@@ -521,6 +586,7 @@ class WriteAheadLog:
         self.run = uuid.uuid4().hex[:8]
         self._writer: Writer | None = None
         self._next_lsn = 1
+        self.queued_bytes = 0  # payload bytes handed to the writer (the loop's count; see backlog)
 
     def open(self) -> Recovered:
         """Locks the directory and reads what is in it; raises LogError for what must stop the start."""
@@ -572,6 +638,10 @@ class WriteAheadLog:
         """A new batch's deduplication token: this log's instance, this run, its requests."""
         return f"{self.instance}-{self.run}-{first_lsn}-{last_lsn}"
 
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
     def reserve(self) -> int:
         """The next request's lsn (one that goes unused, a request the buffer then refused, is harmless)."""
         lsn = self._next_lsn
@@ -581,8 +651,14 @@ class WriteAheadLog:
     def put_rows(self, key: Key, lsn: int, rows: int, payload: bytes, durable: bool) -> asyncio.Future[None] | None:
         """Queues one request; when ``durable``, returns a future set once it is fsynced."""
         fut = asyncio.get_running_loop().create_future() if durable else None
+        self.queued_bytes += len(payload)
         self.writer.put((_ROWS, key, lsn, rows, payload, fut))
         return fut
+
+    @property
+    def backlog(self) -> int:
+        """Payload bytes queued for the writer and not yet taken: memory the disk has yet to free."""
+        return self.queued_bytes - self.writer.taken_bytes if self._writer is not None else 0
 
     def append(self, key: Key, payload: bytes, rows: int, durable: bool) -> tuple[int, asyncio.Future[None] | None]:
         """Queues one request; returns its lsn and, when ``durable``, a future set once it is fsynced."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
 from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
@@ -49,29 +52,48 @@ class Client(threading.Thread):
                 self.acked.extend(ids)
 
 
-def start(serve: Callable[..., Serve], chdb_dir: Path, wal: Path) -> Serve:
+def start(serve: Callable[..., Serve], chdb_dir: Path, wal: Path, *flags: str) -> Serve:
     s = serve("--clickhouse-url", f"chdb://{chdb_dir}", "--database", "app", "--wal-dir", str(wal),
-              "--flush-interval", "150ms", "--flush-max-rows", "2000", "--linger", "0s")
+              "--flush-interval", "150ms", "--flush-max-rows", "2000", "--linger", "0s", *flags)
     s.wait_ready()
     return s
 
 
+def spilled_rows(s: Serve) -> int:
+    """Rows this process accepted onto disk only, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(r"^ingest_buffer_wal_spilled_rows\S* (\S+)$", text, re.M)
+    assert found, "the metric is exported"
+    return int(float(found.group(1)))
+
+
+# A buffer whose memory is one batch: it is full whenever a batch is being inserted, and the rows
+# that arrive meanwhile go onto disk only; many are there when the kill comes.
+SMALL_MEMORY = ("--buffer-max-bytes", "32KiB", "--max-request-bytes", "16KiB", "--flush-max-bytes", "32KiB")
+
+
+@pytest.mark.parametrize("memory", ["roomy", "spilling"])
 def test_sigkill_under_load_again_and_again_loses_no_durable_row_and_doubles_none(
-        serve: Callable[..., Serve], chdb_dir: Path, tmp_path: Path) -> None:
+        serve: Callable[..., Serve], chdb_dir: Path, tmp_path: Path, memory: str) -> None:
+    flags = SMALL_MEMORY if memory == "spilling" else ()
+    kills = KILLS if memory == "roomy" else max(5, KILLS // 2)  # (every request goes through the disk: slower)
     wal = tmp_path / "wal"
     rng = random.Random(7)
     durable: list[int] = []
     buffered: list[int] = []
     next_id = 0
+    spilled = 0
     t0 = time.monotonic()
-    for _ in range(KILLS):
-        s = start(serve, chdb_dir, wal)
+    for _ in range(kills):
+        s = start(serve, chdb_dir, wal, *flags)
         clients = [Client(s.target, next_id + k * 1_000_000, pb.ACK_LEVEL_DURABLE, rows=rng.choice((1, 5, 40)))
                    for k in range(3)]
         clients.append(Client(s.target, next_id + 3 * 1_000_000, pb.ACK_LEVEL_BUFFERED, rows=20))
         for c in clients:
             c.start()
         time.sleep(rng.uniform(0.2, 0.9))
+        spilled += spilled_rows(s)
         s.signal(signal.SIGKILL)
         assert s.wait(10) == -signal.SIGKILL
         for c in clients:
@@ -82,7 +104,7 @@ def test_sigkill_under_load_again_and_again_loses_no_durable_row_and_doubles_non
         buffered += clients[3].acked
         next_id += 4 * 1_000_000
     # One last start: it replays what the kills left, then drains cleanly.
-    s = start(serve, chdb_dir, wal)
+    s = start(serve, chdb_dir, wal, *flags)
     with grpc.insecure_channel(s.target) as channel:
         done = pb_grpc.IngestServiceStub(channel).Flush(pb.FlushRequest(), timeout=60)
     assert done.rows_failed == 0
@@ -93,8 +115,11 @@ def test_sigkill_under_load_again_and_again_loses_no_durable_row_and_doubles_non
     landed = {int(r[0]) for r in chdb(chdb_dir, "SELECT id FROM app.events")[0]}
     missing = [i for i in durable if i not in landed]
     lost_buffered = sum(1 for i in buffered if i not in landed)
-    print(f"\n{KILLS} SIGKILLs in {seconds:.0f}s: {len(durable)} DURABLE rows acked, {len(missing)} missing; "
-          f"{len(buffered)} BUFFERED acked, {lost_buffered} lost (inside the sync window); {count} rows landed")
+    print(f"\n{memory} memory, {kills} SIGKILLs in {seconds:.0f}s: {len(durable)} DURABLE rows acked, "
+          f"{len(missing)} missing; {len(buffered)} BUFFERED acked, {lost_buffered} lost (inside the sync window); "
+          f"{count} rows landed; {spilled} rows went onto disk only")
+    if memory == "spilling":
+        assert spilled > 1000, "rows went onto disk only: the test covers the disk-backed buffer"
     assert len(durable) > 1000, "the clients wrote under load"
     assert not missing, f"acknowledged DURABLE rows lost: {missing[:10]}"
     assert count == unique, f"{count - unique} rows landed twice"
