@@ -45,7 +45,8 @@ LABEL org.opencontainers.image.title="ingest-buffer" \
 RUN groupadd --gid 10001 ingest \
     && useradd --no-log-init --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
        --shell /usr/sbin/nologin ingest \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/ingest-buffer /var/lib/ingest-buffer/dead-letters
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/ingest-buffer /var/lib/ingest-buffer/dead-letters \
+       /var/lib/ingest-buffer/wal
 
 COPY --from=build /opt/ingest-buffer /opt/ingest-buffer
 
@@ -55,6 +56,7 @@ ENV PATH=/opt/ingest-buffer/bin:$PATH \
     INGEST_BUFFER_GRPC_LISTEN=0.0.0.0:50051 \
     INGEST_BUFFER_HTTP_LISTEN=0.0.0.0:8481 \
     INGEST_BUFFER_DEAD_LETTER_DIR=/var/lib/ingest-buffer/dead-letters \
+    INGEST_BUFFER_WAL_DIR=/var/lib/ingest-buffer/wal \
     INGEST_BUFFER_LOG_FORMAT=json
 
 VOLUME ["/var/lib/ingest-buffer"]

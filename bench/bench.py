@@ -272,6 +272,8 @@ def run_sidecar(path: Path, shape: str, size: int, args: argparse.Namespace, bud
               else ["-m", "buffer"])
     cmd = [sys.executable, *server, "serve", "--grpc-listen", target, "--http-listen",
            f"127.0.0.1:{http_port}", "--clickhouse-url", f"chdb://{path}", *SERVE_SETTINGS]
+    if not shape.startswith("reference-"):  # the sidecar as it ships: its write-ahead log on, beside the data
+        cmd += ["--wal-dir", f"{path}-wal-{grpc_port}"]
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         try:

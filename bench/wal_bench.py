@@ -9,6 +9,9 @@ Usage: ``python bench/wal_bench.py [--seconds S] [--quick]``
    flush barrier returns, and the sidecar's CPU per row read from /proc.
 3. Time to ready after a restart with about 1 GiB in the log (1,000-row requests), from the process
    start to ``/readyz`` 200, and the peak RSS of that start.
+4. ClickHouse down (its URL a closed port), a 128 MiB memory cap offered 10x its size in 1,000-row
+   requests from 4 clients: with the log on, what is accepted (onto disk) and the sidecar's peak
+   RSS; the same offer with the log off (the cap refuses the rest), for comparison.
 
 Every server and client is a process of its own on 127.0.0.1, stopped by its PID in a finally block;
 the data lives in a temp directory deleted afterwards. Figures are printed, not asserted.
@@ -158,6 +161,53 @@ def run_client(sidecar: Sidecar, mode: str, ack: str, size: int, clients: int, s
         stop(proc)
 
 
+async def outage_client(target: str, mib: int) -> dict[str, Any]:
+    """Offers ``mib`` MiB of 1,000-row requests from 4 clients, one request at a time each; counts
+    what was accepted and what refused. One request is built once and sent again and again."""
+    import grpc
+    from grpc import aio
+
+    from buffer.api import ingest_pb2 as pb
+
+    channel = aio.insecure_channel(target)
+    await channel.channel_ready()
+    unary = channel.unary_unary("/ingestbuffer.v1.IngestService/Write",
+                                response_deserializer=pb.WriteResponse.FromString)
+    raw = pb.WriteRequest(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW, rows=encode(0, 1000)).SerializeToString()
+    n = (mib << 20) // len(raw)
+    counts = {"accepted": 0, "refused": 0, "bytes": 0}
+
+    async def one(k: int) -> None:
+        for _ in range(k, n, 4):
+            try:
+                await unary(raw, timeout=30)
+                counts["accepted"] += 1
+                counts["bytes"] += len(raw)
+            except grpc.aio.AioRpcError:
+                counts["refused"] += 1
+
+    await asyncio.gather(*(one(k) for k in range(4)))
+    await channel.close()
+    return counts
+
+
+def run_outage(data: Path, wal: Path | None, log: Path, cap_mib: int) -> tuple[dict[str, Any], float, float]:
+    """The sidecar with ClickHouse down, offered 10x its memory cap: (counts, idle RSS, peak RSS) in MiB."""
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s = Sidecar(data, wal, log, ("--clickhouse-url", down, "--buffer-max-bytes", f"{cap_mib}MiB", "--when-full",
+                                 "reject", "--flush-max-bytes", "16MiB", "--wal-max-bytes", f"{cap_mib * 12}MiB"))
+    try:
+        s.ready()
+        time.sleep(1.0)
+        idle = s.peak_rss_mib()
+        out = subprocess.run([sys.executable, __file__, "_outage", f"127.0.0.1:{s.grpc}", str(cap_mib * 10)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+        counts: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+        return counts, idle, s.peak_rss_mib()
+    finally:
+        s.close(signal.SIGKILL)
+
+
 # ----- the parent ----------------------------------------------------------------------------------
 
 def make_table(data: Path) -> None:
@@ -256,12 +306,21 @@ def main() -> None:
         print(f"\nrestart with {size / (1 << 30):.2f} GiB ({rows:,} rows) in the log (written in {wrote:.1f} s): ready "
               f"{ready:.2f} s after the process started; peak RSS {rss:.0f} MiB (memory cap 64 MiB). The same start "
               f"with an empty log: ready {empty_ready:.2f} s, peak RSS {empty_rss:.0f} MiB")
+        cap = 32 if args.quick else 128
+        print(f"\nClickHouse down, a {cap} MiB memory cap offered {cap * 10} MiB in 1,000-row requests from 4 clients:")
+        for label, logged in (("log on", True), ("log off", False)):
+            counts, idle, peak = run_outage(data, tmp / "wal-outage" if logged else None, log, cap)
+            print(f"  {label:8s} accepted {counts['bytes'] / (1 << 20):7.0f} MiB ({counts['accepted']:,} requests, "
+                  f"{counts['refused']:,} refused); peak RSS {peak:.0f} MiB = cap + {peak - cap:.0f} MiB "
+                  f"(idle {idle:.0f} MiB; peak - idle - cap = {peak - idle - cap:.0f} MiB)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_client":
+    if len(sys.argv) > 1 and sys.argv[1] == "_outage":
+        print(json.dumps(asyncio.run(outage_client(sys.argv[2], int(sys.argv[3])))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
         target, mode, ack, size, clients, seconds, rate, first = sys.argv[2:]
         out = asyncio.run(client(target, mode, int(ack), int(size), int(clients), float(seconds), float(rate),
                                  int(first)))

@@ -130,9 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
             "also a ClickHouse table for refused rows (schema in the README); files stay the fallback"),
     Setting("dead_letter_max_bytes", 1024**3,
             "size bound of the dead-letter directory; past it the oldest file goes (counted as lost)", parse_size),
-    Setting("wal_dir", "",
-            "write-ahead log directory: every accepted row goes to disk, DURABLE acks wait for its fsync, and "
-            "what was not flushed comes back after a crash or restart; empty = no log"),
+    Setting("wal_dir", ".ingest-buffer/wal",
+            "write-ahead log directory: every accepted row goes to disk, DURABLE acks wait for its fsync, rows "
+            "that find memory full wait there, and what was not flushed comes back after a crash or restart; "
+            "empty = no log (rows in memory only)"),
     Setting("wal_max_bytes", 1024**3, "disk bound of the write-ahead log; past it, writes are refused as full",
             parse_size),
     Setting("wal_sync_interval", 0.1, "the longest a BUFFERED row waits in the page cache for its fsync",

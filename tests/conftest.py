@@ -178,6 +178,9 @@ async def start_buffer(clickhouse: ClickHouse, tmp_path: Path) -> AsyncIterator[
         flags = {"clickhouse_url": clickhouse.url, "database": clickhouse.database,
                  "grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "drain_timeout": "10s",
                  "linger": "0s", "propagation_delay": "0s", "dead_letter_dir": str(tmp_path / "dead-letters"),
+                 # Without the log unless a test asks for it (--wal-dir): what these tests check of
+                 # memory bounds and --when-full is the buffer without a disk behind it.
+                 "wal_dir": "",
                  **{k: str(v) for k, v in settings.items()}}
         app = App(load(flags, env={}), signals=())
         task = asyncio.create_task(app.run())

@@ -151,3 +151,39 @@ def test_the_harness_runs_what_the_image_runs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["ingest-buffer"]' in dockerfile and 'CMD ["serve"]' in dockerfile
     assert list(ENTRYPOINTS) == ["ingest-buffer"]
+
+
+def test_the_log_is_on_by_default_in_an_emptydir_with_a_size_limit() -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "sidecar-values.yaml")), "-example")
+    (buffer,) = spec["initContainers"]
+    env = {e["name"]: e.get("value") for e in buffer["env"]}
+    assert env["INGEST_BUFFER_WAL_DIR"] == "/var/lib/ingest-buffer/wal"
+    assert env["INGEST_BUFFER_WAL_MAX_BYTES"] == "1GiB"
+    mounts = {m["name"]: m["mountPath"] for m in buffer["volumeMounts"]}
+    assert mounts["ingest-buffer-wal"] == "/var/lib/ingest-buffer/wal"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["ingest-buffer-wal"]["emptyDir"] == {"sizeLimit": "2Gi"}
+
+
+def test_the_log_can_be_turned_off_which_overrides_the_image_default() -> None:
+    spec = pod_spec(render({"mode": "gateway", "wal": {"enabled": False}}))
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["INGEST_BUFFER_WAL_DIR"] == "", "an empty value: the image's default is replaced"
+    assert "ingest-buffer-wal" not in {v["name"] for v in spec["volumes"]}
+
+
+def test_a_gateway_can_keep_its_log_on_a_claim_per_replica() -> None:
+    objects = render(values_file(CHART / "ci" / "gateway-persistent-values.yaml"))
+    assert not [o for o in objects if o["kind"] == "Deployment"]
+    sts = find(objects, "StatefulSet")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "ingest-buffer-wal"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    spec = sts["spec"]["template"]["spec"]
+    assert "ingest-buffer-wal" not in {v["name"] for v in spec["volumes"]}, "the claim, not an emptyDir"
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["ingest-buffer-wal"] == "/var/lib/ingest-buffer/wal"
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["INGEST_BUFFER_WAL_MAX_BYTES"] == "8GiB"

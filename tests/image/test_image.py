@@ -209,6 +209,7 @@ def test_image_size_and_metadata(docker: Dockerd, image: Image) -> None:
     assert env["INGEST_BUFFER_GRPC_LISTEN"] == "0.0.0.0:50051"
     assert env["INGEST_BUFFER_HTTP_LISTEN"] == "0.0.0.0:8481"
     assert env["INGEST_BUFFER_DEAD_LETTER_DIR"] == "/var/lib/ingest-buffer/dead-letters"
+    assert env["INGEST_BUFFER_WAL_DIR"] == "/var/lib/ingest-buffer/wal"
     assert env["INGEST_BUFFER_LOG_FORMAT"] == "json"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"

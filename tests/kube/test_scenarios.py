@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from buffer.ledger import EXIT_KEPT_IN_LOG
 from tests.conftest import HttpEndpoint
 from tests.deploy.chart import CHART, find, render, values_file
 from tests.kube.harness import Container, Pod, Service
@@ -252,10 +253,12 @@ def test_gateway_rollout_restart_ten_times(clickhouse: HttpEndpoint, workdir: Pa
                       "drain_s_max": max(drains) if drains else None}))
 
 
+@pytest.mark.parametrize("wal", [False, True], ids=["log-off", "log-on"])
 def test_grace_period_too_short_for_the_backlog_reports_the_shortfall(
-        clickhouse: HttpEndpoint, workdir: Path, pods: list[Pod]) -> None:
+        clickhouse: HttpEndpoint, workdir: Path, pods: list[Pod], wal: bool) -> None:
     truncate(clickhouse, "slow")
     values = values_file(CHART / "ci" / "sidecar-values.yaml")
+    values["wal"] = {"enabled": wal}
     values["shutdown"] = {"drainTimeoutSeconds": 2, "lingerSeconds": 0}
     values["tables"] = ["slow"]
     values["flush"] = {"maxRows": 100, "intervalSeconds": 30}
@@ -269,10 +272,20 @@ def test_grace_period_too_short_for_the_backlog_reports_the_shortfall(
     time.sleep(1.5)  # each row takes 10 ms to insert into `slow`: a backlog the 2 s deadline cannot clear
     took = pod.terminate()
     buffer = next(c for c in pod.containers if c.name == "ingest-buffer")
-    assert buffer.exit_code == 3 and not buffer.killed, "it reported before the kubelet's SIGKILL"
     summary = next(r for r in reversed(buffer_log(pod)) if r.get("msg", "").startswith("exiting"))
     acked = acked_ids(workdir / "app.acked")
     landed = int(query(clickhouse, "SELECT count() FROM app.slow")[0][0])
+    if wal:
+        # The log holds what the deadline left: nothing lost, a restart in this pod would send it.
+        assert buffer.exit_code == EXIT_KEPT_IN_LOG and not buffer.killed, buffer.log()[-2000:]
+        assert summary["rows_lost"] == 0 and summary["rows_kept_in_log"] > 0
+        assert summary["rows_accepted"] - summary["rows_committed"] == summary["rows_kept_in_log"]
+        assert summary["rows_committed"] == landed
+        assert "/volumes/ingest-buffer-wal" in summary["msg"], "the last line says where the rows are"
+        print(json.dumps({"scenario": "grace too short, log on", "sent": len(acked), "landed": landed,
+                          "kept_in_log": summary["rows_kept_in_log"], "pod_termination_s": round(took, 2)}))
+        return
+    assert buffer.exit_code == 3 and not buffer.killed, "it reported before the kubelet's SIGKILL"
     assert summary["rows_lost"] > 0
     assert summary["rows_accepted"] - summary["rows_committed"] == summary["rows_lost"]
     # Exact: what it says it committed is what ClickHouse has, and the rest is the reported loss

@@ -38,7 +38,9 @@ class Serve:
         self.http_port = free_port()
         self.args = [sys.executable, "-m", "buffer", "serve", "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
                      "--http-listen", f"127.0.0.1:{self.http_port}", "--log-format", "json",
-                     "--dead-letter-dir", str(log_path.parent / "dead-letters"), *args]
+                     "--dead-letter-dir", str(log_path.parent / "dead-letters"),
+                     "--wal-dir", "",  # no log unless the test passes its own --wal-dir (the last one counts)
+                     *args]
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **env})

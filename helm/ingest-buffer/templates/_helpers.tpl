@@ -120,6 +120,14 @@ The grace period must cover the drain deadline plus the exit; derived unless set
 - name: INGEST_BUFFER_DEAD_LETTER_TABLE
   value: {{ .Values.deadLetters.table | quote }}
 {{- end }}
+- name: INGEST_BUFFER_WAL_DIR
+  value: {{ ternary "/var/lib/ingest-buffer/wal" "" .Values.wal.enabled | quote }}
+{{- if .Values.wal.enabled }}
+- name: INGEST_BUFFER_WAL_MAX_BYTES
+  value: {{ .Values.wal.maxBytes | quote }}
+- name: INGEST_BUFFER_WAL_SYNC_INTERVAL
+  value: {{ printf "%vs" .Values.wal.syncIntervalSeconds | quote }}
+{{- end }}
 - name: INGEST_BUFFER_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: INGEST_BUFFER_LOG_FORMAT
@@ -176,6 +184,10 @@ securityContext:
 volumeMounts:
   - name: ingest-buffer-data
     mountPath: /var/lib/ingest-buffer
+  {{- if .Values.wal.enabled }}
+  - name: ingest-buffer-wal
+    mountPath: /var/lib/ingest-buffer/wal
+  {{- end }}
   {{- if include "ingest-buffer.passwordSecret" . }}
   - name: ingest-buffer-clickhouse
     mountPath: /etc/ingest-buffer/clickhouse
@@ -198,6 +210,13 @@ volumeMounts:
   restartPolicy: Always
 {{- end }}
 
+{{/*
+"true" when the log lives on a PersistentVolumeClaim per replica (gateway mode, a StatefulSet).
+*/}}
+{{- define "ingest-buffer.walClaim" -}}
+{{- if and .Values.wal.enabled .Values.wal.persistence.enabled (eq .Values.mode "gateway") }}true{{ end }}
+{{- end }}
+
 {{- define "ingest-buffer.volumes" -}}
 - name: ingest-buffer-data
 {{- if .Values.deadLetters.existingClaim }}
@@ -206,6 +225,11 @@ volumeMounts:
 {{- else }}
   emptyDir:
     sizeLimit: {{ .Values.deadLetters.sizeLimit }}
+{{- end }}
+{{- if and .Values.wal.enabled (not (include "ingest-buffer.walClaim" .)) }}
+- name: ingest-buffer-wal
+  emptyDir:
+    sizeLimit: {{ .Values.wal.sizeLimit }}
 {{- end }}
 {{- if include "ingest-buffer.passwordSecret" . }}
 - name: ingest-buffer-clickhouse
