@@ -67,8 +67,9 @@ class App:
                              cfg.retry_initial_backoff, cfg.retry_max_backoff)
         self.ring = Ring(cfg.buffer_max_bytes, cfg.buffer_max_rows, WhenFull(cfg.when_full), clock, ledger=self.ledger,
                          batch_rows=policy.max_rows, batch_bytes=policy.max_bytes)
-        self.wal = WriteAheadLog(cfg.wal_dir, segment_bytes=cfg.wal_segment_bytes, sync_interval=cfg.wal_sync_interval,
-                                 max_bytes=cfg.wal_max_bytes) if cfg.wal_dir else None
+        self.wal = WriteAheadLog(cfg.wal_dir, segment_bytes=cfg.wal_segment_bytes,
+                                 sync_interval=cfg.wal_sync_interval, max_bytes=cfg.wal_max_bytes,
+                                 database=cfg.effective_database()) if cfg.wal_dir else None
         self.flusher = Flusher(self.ring, self.sink, policy, self.lifecycle, clock=clock,
                                on_batch=metrics.batch_recorder(self.telemetry), tracer=self.telemetry.tracer,
                                dead_letters=dead_letters, dead_letters_where=where, database=database, user=user,

@@ -124,6 +124,7 @@ class Recovered:
     unsettled: list[Part]  # requests to flush that no pending batch holds, in lsn order
     damage: Damage = field(default_factory=Damage)
     records: int = 0
+    database: str = ""  # the ClickHouse database its rows are for ("": not recorded)
 
     @property
     def unsettled_rows(self) -> int:
@@ -193,7 +194,8 @@ def recover(directory: Path, *, repair: bool = True) -> Recovered:
         pending.append(PendingBatch(token, found, missing=len(lsns) - len(found)))
     in_batches = {p.lsn for b in pending for p in b.parts}
     unsettled = [p for lsn, p in sorted(parts.items()) if lsn not in settled and lsn not in in_batches]
-    return Recovered(str(meta["instance"]), salt, max_lsn + 1, segments, pending, unsettled, damage, records)
+    return Recovered(str(meta["instance"]), salt, max_lsn + 1, segments, pending, unsettled, damage, records,
+                     str(meta.get("database", "")))
 
 
 def _add_rows(parts: dict[int, Part], seg: SegmentInfo, rows: RowsRecord, key: Key) -> None:
@@ -575,8 +577,9 @@ class WriteAheadLog:
     """What the rest of the buffer calls, on the event loop: append, log a batch, settle."""
 
     def __init__(self, directory: str | Path, *, segment_bytes: int = 16 << 20, sync_interval: float = 0.1,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, database: str = "") -> None:
         self.directory = Path(directory)
+        self.database = database  # the rows' ClickHouse database: a log holding rows for another refuses
         self.segment_bytes = segment_bytes
         self.sync_interval = sync_interval
         self.max_bytes = max_bytes
@@ -594,6 +597,7 @@ class WriteAheadLog:
         self.lock.acquire()
         try:
             recovered = recover(self.directory)
+            self._check_database(recovered)
         except BaseException:
             self.lock.release()
             raise
@@ -601,6 +605,21 @@ class WriteAheadLog:
         self.instance = recovered.instance
         self._next_lsn = recovered.next_lsn
         return recovered
+
+    def _check_database(self, recovered: Recovered) -> None:
+        """The log's rows name tables, not databases: rows kept for one database must not be replayed into
+        another. With nothing unsettled the log is simply for the new one."""
+        if not self.database or recovered.database == self.database:
+            return
+        rows = recovered.unsettled_rows
+        if rows and recovered.database:
+            raise fmt.LogError(f"the write-ahead log in {self.directory} holds {rows} rows for database "
+                               f"{recovered.database!r}, and this buffer writes to {self.database!r}: start it with "
+                               f"--database {recovered.database} until they are flushed, or give it another --wal-dir")
+        meta = fmt.open_meta(self.directory, create=False)
+        meta["database"] = self.database
+        fmt.write_meta(self.directory, meta)
+        recovered.database = self.database
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.recovered is not None, "open() first"
@@ -697,7 +716,8 @@ def describe(directory: Path) -> dict[str, Any]:
         t["bytes"] += part.size
     oldest = min((p.lsn for p in _all_unsettled(recovered)), default=None)
     return {
-        "directory": str(directory), "instance": recovered.instance, "format": fmt.FORMAT_VERSION,
+        "directory": str(directory), "instance": recovered.instance, "database": recovered.database or None,
+        "format": fmt.FORMAT_VERSION,
         "segments": [{"name": fmt.segment_name(s.number), "bytes": s.size, "requests": s.requests,
                       "settled": s.settled} for s in recovered.segments],
         "records": recovered.records, "bytes": sum(s.size for s in recovered.segments),

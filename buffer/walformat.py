@@ -288,15 +288,21 @@ def open_meta(directory: Path, *, create: bool) -> dict[str, object]:
     if not create:
         raise LogError(f"{directory} holds no write-ahead log (no {META_NAME})")
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_VERSION, "instance": uuid.uuid4().hex[:12], "salt": secrets.randbits(32)}
+    fresh: dict[str, object] = {"format": FORMAT_VERSION, "instance": uuid.uuid4().hex[:12],
+                                "salt": secrets.randbits(32)}
+    write_meta(directory, fresh)
+    return fresh
+
+
+def write_meta(directory: Path, meta: dict[str, object]) -> None:
+    """Replaces the meta file atomically (a temp file, fsynced, renamed, the directory fsynced)."""
     tmp = directory / (META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
+    os.replace(tmp, directory / META_NAME)
     fsync_dir(directory)
-    return dict(meta)
 
 
 class DirectoryLock:

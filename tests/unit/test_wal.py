@@ -211,6 +211,25 @@ def test_a_newer_format_a_foreign_directory_and_a_second_process_are_refused(tmp
     WriteAheadLog(tmp_path / "shared").open()  # free again once the first lets go
 
 
+async def test_rows_kept_for_one_database_are_never_replayed_into_another(tmp_path: Path) -> None:
+    wal = await opened(tmp_path, database="a")
+    lsn, _ = wal.append(KEY, row(1), 1, durable=False)
+    await wal.sync()
+    wal.close()
+    with pytest.raises(fmt.LogError, match=r"holds 1 rows for database 'a', and this buffer writes to 'b': start "
+                                           r"it with --database a"):
+        WriteAheadLog(tmp_path, database="b").open()
+    again = await opened(tmp_path, database="a")  # the refusal left the log as it was, and unlocked
+    assert again.recovered is not None and [p.lsn for p in again.recovered.unsettled] == [lsn]
+    again.settle([lsn])
+    await again.sync()
+    again.close()
+    moved = WriteAheadLog(tmp_path, database="b")  # nothing unsettled: the log now serves the new one
+    assert moved.open().database == "b"
+    moved.close()
+    assert json.loads((tmp_path / fmt.META_NAME).read_text())["database"] == "b"
+
+
 async def test_a_full_disk_fails_durable_writers_and_the_log_recovers_once_there_is_room(tmp_path: Path) -> None:
     wal = await opened(tmp_path)
     fd = wal.writer._fd
