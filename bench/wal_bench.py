@@ -8,7 +8,8 @@ Usage: ``python bench/wal_bench.py [--seconds S] [--quick]``
    DURABLE vs BUFFERED with the log on; 1,000-row messages with the log on vs off. Rows/s until the
    flush barrier returns, and the sidecar's CPU per row read from /proc.
 3. Time to ready after a restart with about 1 GiB in the log (1,000-row requests), from the process
-   start to ``/readyz`` 200, and the peak RSS of that start.
+   start to ``/readyz`` 200, and the peak RSS of that start; the same with 256 MiB of 1-row requests
+   (millions of them: a start keeps nothing per request).
 4. ClickHouse down (its URL a closed port), a 128 MiB memory cap offered 10x its size in 1,000-row
    requests from 4 clients: with the log on, what is accepted (onto disk) and the sidecar's peak
    RSS; the same offer with the log off (the cap refuses the rest), for comparison.
@@ -210,28 +211,39 @@ def run_outage(data: Path, wal: Path | None, log: Path, cap_mib: int) -> tuple[d
 
 # ----- the parent ----------------------------------------------------------------------------------
 
+def restart(data: Path, wal: Path, log: Path) -> tuple[int, float, float]:
+    """A start on a full log that flushes nothing: (log bytes, seconds to ready, peak RSS in MiB)."""
+    size = sum(p.stat().st_size for p in wal.iterdir())
+    s = Sidecar(data, wal, log, ("--buffer-max-bytes", "64MiB", "--flush-interval", "1h", "--flush-max-bytes",
+                                 "16MiB"))
+    try:
+        return size, s.ready(), s.peak_rss_mib()
+    finally:
+        s.close(signal.SIGKILL)
+
+
 def make_table(data: Path) -> None:
     subprocess.run([sys.executable, "-m", "tests.chdb_query", str(data), f"CREATE DATABASE IF NOT EXISTS {DB}",
                     DDL], cwd=ROOT, check=True, capture_output=True)
 
 
-def fill_log(wal: Path, gib: float) -> int:
-    """Writes about ``gib`` GiB of 1,000-row requests into a fresh log, as a crash would leave them."""
+def fill_log(wal: Path, gib: float, rows: int = 1000) -> int:
+    """Writes about ``gib`` GiB of ``rows``-row requests into a fresh log, as a crash would leave them."""
     from buffer.wal import WriteAheadLog
 
     async def write() -> int:
-        log = WriteAheadLog(wal, max_bytes=8 << 30)
+        log = WriteAheadLog(wal, max_bytes=8 << 30, database=DB)
         log.open()
         log.start(asyncio.get_running_loop())
-        payload = encode(9 * 10**12, 1000)
+        payload = encode(9 * 10**12, rows)
         n = int(gib * (1 << 30) / len(payload))
         for i in range(n):
-            log.append((TABLE, "JSONEachRow"), payload, 1000, durable=i == n - 1)
+            log.append((TABLE, "JSONEachRow"), payload, rows, durable=i == n - 1)
             if i % 1000 == 999:
                 await log.sync()
         await log.sync()
         log.close()
-        return n * 1000
+        return n * rows
 
     return asyncio.run(write())
 
@@ -295,17 +307,15 @@ def main() -> None:
         t = time.perf_counter()
         rows = fill_log(wal, gib)
         wrote = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in wal.iterdir())
-        s = Sidecar(data, wal, log, ("--buffer-max-bytes", "64MiB", "--flush-interval", "1h", "--flush-max-bytes",
-                                     "16MiB"))
-        try:
-            ready = s.ready()
-            rss = s.peak_rss_mib()
-        finally:
-            s.close(signal.SIGKILL)
+        size, ready, rss = restart(data, wal, log)
         print(f"\nrestart with {size / (1 << 30):.2f} GiB ({rows:,} rows) in the log (written in {wrote:.1f} s): ready "
               f"{ready:.2f} s after the process started; peak RSS {rss:.0f} MiB (memory cap 64 MiB). The same start "
               f"with an empty log: ready {empty_ready:.2f} s, peak RSS {empty_rss:.0f} MiB")
+        small = tmp / "wal-small"
+        rows = fill_log(small, gib / 4, rows=1)
+        size, ready, rss = restart(data, small, log)
+        print(f"restart with {size / (1 << 20):.0f} MiB of 1-row requests ({rows:,}) in the log: ready {ready:.2f} s; "
+              f"peak RSS {rss:.0f} MiB")
         cap = 32 if args.quick else 128
         print(f"\nClickHouse down, a {cap} MiB memory cap offered {cap * 10} MiB in 1,000-row requests from 4 clients:")
         for label, logged in (("log on", True), ("log off", False)):

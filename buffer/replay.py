@@ -159,8 +159,12 @@ class Replay(Routine):
         self.unreadable_requests = 0
         self.ledger: Ledger = ring.ledger
         self.replayed_rows = 0
-        self._left: list[Part] = list(recovered.unsettled)
-        self._at = 0
+        # The requests still to flush that no pending batch holds, read from the log as they are
+        # needed (in a worker thread); what is left of them, counted.
+        self._stream: Iterator[tuple[Part, bytes]] = recovered.iter_unsettled()
+        self._pushed_back: list[tuple[Part, bytes]] = []  # read, not yet put back
+        self._left_requests = recovered.unsettled_requests
+        self._left_rows = recovered.unsettled_rows - sum(p.rows for b in recovered.pending for p in b.parts)
         self._stopped = asyncio.Event()
         self.done = asyncio.Event()
         self._lifecycle_remaining: Callable[[], float] = lambda: 0.0
@@ -184,11 +188,12 @@ class Replay(Routine):
             if batch.missing:
                 log.error("a batch in flight at the last stop (token %s) lost %d of its requests to damage in the "
                           "log; the rest are sent under that token", batch.token, batch.missing)
+        had = self._left_requests
         await self._admit(wait=False)
-        if self.recovered.unsettled or self.recovered.pending:
+        if had or self.recovered.pending:
             log.info("replaying %d rows from the write-ahead log (%d batches in flight at the last stop); %d more "
                      "follow as flushes make room", self.replayed_rows, len(self.recovered.pending),
-                     sum(p.rows for p in self._left[self._at:]), extra={"rows_replayed": self.replayed_rows})
+                     self._left_rows, extra={"rows_replayed": self.replayed_rows})
 
     async def run(self) -> None:
         reading = asyncio.ensure_future(self._read())
@@ -207,7 +212,7 @@ class Replay(Routine):
     async def _read(self) -> None:
         await self._admit(wait=True)
         self.done.set()
-        if self.recovered.unsettled:
+        if self.recovered.unsettled_requests:
             log.info("replay done: %d rows back in the buffer", self.replayed_rows,
                      extra={"rows_replayed": self.replayed_rows})
         await self._read_spilled()
@@ -292,37 +297,52 @@ class Replay(Routine):
     async def _admit(self, *, wait: bool) -> None:
         """Reads the requests left, in order, and puts them in the ring: without ``wait``, only while
         there is room; with it, waiting for room as long as it takes."""
-        while self._at < len(self._left):
-            chunk = list(self._chunk())
-            payloads = await asyncio.to_thread(read_parts, self.wal.directory, chunk)
-            for part, data in zip(chunk, payloads, strict=True):
+        while self._left_requests > 0:
+            chunk = await asyncio.to_thread(self._chunk)
+            if not chunk:  # the log holds fewer than it counted at start: a segment was removed under it
+                log.error("%d requests (%d rows) counted in the write-ahead log in %s at start were not found "
+                          "when read back: its segments were changed by someone else", self._left_requests,
+                          self._left_rows, self.wal.directory)
+                self.ledger.accepted_rows += self._left_rows
+                self.ledger.fail(_UNREADABLE, self._left_rows)
+                self._left_requests = self._left_rows = 0
+                break
+            for i, (part, data) in enumerate(chunk):
                 entry = self._entry(part, data)
                 if entry.size > self.ring.max_bytes or entry.rows > self.ring.max_rows:
                     self.ring.readmit([entry])  # larger than the buffer now is (a smaller --buffer-max-*): alone
                 while entry.seq == 0 and not self.ring.admit_from_log(entry):
                     if not wait:
+                        self._ahead_chunk(chunk[i:])
                         return
                     self.ring.released.clear()
                     await self.ring.released.wait()  # a flush settled something: there may be room
-                self._at += 1
+                self._left_requests -= 1
+                self._left_rows -= part.rows
                 self.replayed_rows += part.rows
 
-    def _chunk(self) -> Iterator[Part]:
-        size = 0
-        for part in self._left[self._at:]:
-            if size and size + part.size > CHUNK_BYTES:
-                return
-            size += part.size
-            yield part
+    def _ahead_chunk(self, rest: list[tuple[Part, bytes]]) -> None:
+        self._pushed_back = rest + self._pushed_back
+
+    def _chunk(self) -> list[tuple[Part, bytes]]:
+        """The next requests, about CHUNK_BYTES of them (a worker thread reads them)."""
+        out, self._pushed_back = self._pushed_back, []
+        size = sum(len(d) for _, d in out)
+        for part, data in self._stream:
+            out.append((part, data))
+            size += len(data)
+            if size >= CHUNK_BYTES:
+                break
+        return out
 
     def _keep_the_rest(self) -> None:
         """Rows never put back stay in the log: in this run's books they were accepted and kept there."""
-        rest = self._left[self._at:]
-        self._at = len(self._left)
-        rows = sum(p.rows for p in rest)
+        rows, requests = max(0, self._left_rows), max(0, self._left_requests)
+        self._left_rows = self._left_requests = 0
+        self._pushed_back = []
         if rows:
             self.ledger.accepted_rows += rows
-            self.ledger.accepted_requests += len(rest)
+            self.ledger.accepted_requests += requests
             self.ledger.fail(_IN_LOG, rows)
         rows += self.spill.keep()
         if rows:

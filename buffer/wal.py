@@ -20,7 +20,9 @@ recorded token and exactly their requests) and the ranges of requests still to f
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import contextlib
 import logging
 import os
 import struct
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from buffer import walformat as fmt
-from buffer.walformat import Damage, Kind, Range, RowsRecord
+from buffer.walformat import Damage, Kind, Range
 
 log = logging.getLogger(__name__)
 
@@ -121,97 +123,238 @@ class Recovered:
     next_lsn: int
     segments: list[SegmentInfo]
     pending: list[PendingBatch]
-    unsettled: list[Part]  # requests to flush that no pending batch holds, in lsn order
+    directory: Path = Path()
+    settled: list[Range] = field(default_factory=list)  # merged: the lsns known settled
+    unsettled_rows: int = 0  # rows still to flush, those of pending batches included
+    unsettled_requests: int = 0  # requests still to flush that no pending batch holds
+    tables: dict[Key, list[int]] = field(default_factory=dict)  # key → [requests, rows, bytes] still to flush
+    oldest_lsn: int | None = None
     damage: Damage = field(default_factory=Damage)
     records: int = 0
     database: str = ""  # the ClickHouse database its rows are for ("": not recorded)
+    numbers: list[int] = field(default_factory=list)  # the segments as found (the writer adds to ``segments``)
+
+    def iter_unsettled(self) -> Iterator[tuple[Part, bytes]]:
+        """The requests still to flush that no pending batch holds, in the log's order, with their
+        payloads: read again from the segments, one at a time, so that nothing per request is kept in
+        memory (a worker thread calls this; a segment deleted meanwhile held nothing still to flush)."""
+        skip = {p.lsn for b in self.pending for p in b.parts}
+        for part, data in _parts(self.directory, self.numbers, self.salt, self.next_lsn):
+            if part.lsn not in skip and not _within(self.settled, part.lsn):
+                yield part, bytes(data)
 
     @property
-    def unsettled_rows(self) -> int:
-        return sum(p.rows for p in self.unsettled) + sum(p.rows for b in self.pending for p in b.parts)
+    def unsettled(self) -> list[Part]:
+        """iter_unsettled as a list (for inspection and tests: it holds every such request)."""
+        return [part for part, _ in self.iter_unsettled()]
+
+
+def _within(ranges: list[Range], lsn: int) -> bool:
+    i = bisect.bisect_right(ranges, (lsn, 1 << 62)) - 1
+    return i >= 0 and ranges[i][0] <= lsn < ranges[i][0] + ranges[i][1]
+
+
+OnRecord = Callable[[int, fmt.Scanned, SegmentInfo | None], None]
+
+
+class _Seen:
+    """The lsns met so far, as merged [lo, hi) ranges. In a log lsns only grow, but for a request
+    written again after a failed fsync (a copy, after its first): the common case is one range
+    growing at its end, O(1) per record; a record that reaches back is checked lsn by lsn."""
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+
+    def fresh(self, first: int, n: int) -> bool:
+        """True, and marks them, when none of first … first + n - 1 was met; False to check one by one."""
+        r = self.ranges
+        if r and first < r[-1][1]:
+            return False
+        if r and first == r[-1][1]:
+            r[-1][1] = first + n
+        else:
+            r.append([first, first + n])
+        return True
+
+    def add(self, lsn: int) -> bool:
+        """Marks one lsn; False when it was met already (a copy)."""
+        r = self.ranges
+        i = bisect.bisect_right(r, [lsn, 1 << 62]) - 1
+        if i >= 0 and r[i][0] <= lsn < r[i][1]:
+            return False
+        if i >= 0 and r[i][1] == lsn:
+            r[i][1] += 1
+        else:
+            i += 1
+            r.insert(i, [lsn, lsn + 1])
+        if i + 1 < len(r) and r[i][1] == r[i + 1][0]:
+            r[i][1] = r[i + 1][1]
+            del r[i + 1]
+        return True
+
+
+Records = Iterator[tuple[int, fmt.RowsRecord, memoryview, bool]]
+
+
+def _records(directory: Path, numbers: list[int], salt: int, damage: Damage, on_record: OnRecord | None = None,
+             infos: list[SegmentInfo] | None = None) -> Records:
+    """The ROWS records of the segments, in file order: (segment, record, the segment's bytes, whether
+    none of its lsns was met before). ``on_record`` sees every record; damage is counted in ``damage``."""
+    seen = _Seen()
+    for i, number in enumerate(numbers):
+        try:
+            view = memoryview((directory / fmt.segment_name(number)).read_bytes())
+        except FileNotFoundError:
+            continue
+        local = Damage()
+        for record in fmt.scan(view, local, salt):
+            if on_record is not None:
+                on_record(number, record, infos[i] if infos else None)
+            if record.kind is not Kind.ROWS:
+                continue
+            try:
+                rows = fmt.decode_rows(record.body, record.offset + fmt.HEADER.size)
+            except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+                continue  # on_record counts it
+            yield number, rows, view, seen.fresh(rows.first_lsn, len(rows.parts)) or _mark(seen, rows)
+        if i == len(numbers) - 1 or not local.torn_bytes:
+            damage.torn_bytes += local.torn_bytes
+        else:  # a finished segment was synced whole: this is damage
+            local.corrupt_bytes += local.torn_bytes
+            local.corrupt_records += 1
+        damage.corrupt_bytes += local.corrupt_bytes
+        damage.corrupt_records += local.corrupt_records
+
+
+def _mark(seen: _Seen, rows: fmt.RowsRecord) -> bool:
+    """A record that reaches back: notes which of its parts are copies; always False."""
+    rows.copies = [not seen.add(rows.first_lsn + k) for k in range(len(rows.parts))]
+    return False
+
+
+def _copy(rows: fmt.RowsRecord, k: int) -> bool:
+    return rows.copies is not None and rows.copies[k]
+
+
+def _parts(directory: Path, numbers: list[int], salt: int, end: int) -> Iterator[tuple[Part, memoryview]]:
+    """Every request in the segments below lsn ``end``, each once, in file order, with a view of its payload."""
+    for number, rows, view, fresh in _records(directory, numbers, salt, Damage()):
+        key = (rows.table, rows.fmt)
+        for k, (n, offset, size) in enumerate(rows.parts):
+            lsn = rows.first_lsn + k
+            if lsn < end and (fresh or not _copy(rows, k)):
+                yield Part(lsn, key, n, number, offset, size), view[offset:offset + size]
 
 
 def recover(directory: Path, *, repair: bool = True) -> Recovered:
-    """Reads the log; with ``repair``, cuts the last segment's torn tail (a crash mid-write)."""
+    """Reads the log; with ``repair``, cuts the last segment's torn tail (a crash mid-write).
+
+    Two passes over the segments. The first reads the control records (batches, what settled) and
+    which lsns each segment holds; the second finds the requests of the batches in flight and counts
+    what is still to flush. Neither keeps anything per request but for the batches in flight, so a
+    log of millions of small requests starts in bounded memory; replay reads the rest once more."""
     meta = fmt.open_meta(directory, create=repair)
     salt = int(meta["salt"])  # type: ignore[call-overload]
     numbers = fmt.segment_numbers(directory)
     damage = Damage()
-    parts: dict[int, Part] = {}
     batches: list[tuple[str, list[Range]]] = []
     done: list[Range] = []
-    segments: list[SegmentInfo] = []
+    segments = [SegmentInfo(n) for n in numbers]
+    good_end: dict[int, int] = {}
     records = 0
     max_lsn = 0
-    for i, number in enumerate(numbers):
-        path = directory / fmt.segment_name(number)
-        view = memoryview(path.read_bytes())  # one segment at a time: at most --wal-segment-bytes
-        seg = SegmentInfo(number, size=len(view))
-        local = Damage()
-        good_end = 0
-        for record in fmt.scan(view, local, salt):
-            records += 1
-            good_end = record.offset + fmt.HEADER.size + len(record.body)
-            try:
-                if record.kind is Kind.ROWS:
-                    rows = fmt.decode_rows(record.body, record.offset + fmt.HEADER.size)
-                    _add_rows(parts, seg, rows, (rows.table, rows.fmt))
-                    max_lsn = max(max_lsn, rows.last_lsn)
-                elif record.kind is Kind.BATCH:
-                    batches.append(fmt.decode_batch(record.body))
-                else:
-                    done.extend(fmt.decode_done(record.body))
-            except (ValueError, IndexError, UnicodeDecodeError, struct.error):
-                # A checksum that holds over a body this build cannot read: a bug or a foreign
-                # writer. Skip the record, count it, never crash on it.
-                local.corrupt_records += 1
-                local.corrupt_bytes += fmt.HEADER.size + len(record.body)
-        last = i == len(numbers) - 1
-        if local.torn_bytes and not last:
-            local.corrupt_bytes += local.torn_bytes  # a finished segment was synced whole: this is damage
-            local.corrupt_records += 1
-            local.torn_bytes = 0
-        if local.torn_bytes and repair:
-            with open(path, "r+b") as f:
-                f.truncate(good_end)
-                os.fsync(f.fileno())
-            seg.size = good_end
-        damage.torn_bytes += local.torn_bytes
-        damage.corrupt_bytes += local.corrupt_bytes
-        damage.corrupt_records += local.corrupt_records
-        segments.append(seg)
+
+    def first_pass(number: int, record: fmt.Scanned, seg: SegmentInfo | None) -> None:
+        nonlocal records, max_lsn
+        records += 1
+        good_end[number] = record.offset + fmt.HEADER.size + len(record.body)
+        try:
+            if record.kind is Kind.ROWS:
+                rows = fmt.decode_rows(record.body, 0)
+                assert seg is not None
+                seg.add(rows.first_lsn, len(rows.parts))
+                max_lsn = max(max_lsn, rows.last_lsn)
+            elif record.kind is Kind.BATCH:
+                batches.append(fmt.decode_batch(record.body))
+            else:
+                done.extend(fmt.decode_done(record.body))
+        except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+            # A checksum that holds over a body this build cannot read: a bug or a foreign
+            # writer. Skip the record, count it, never crash on it.
+            damage.corrupt_records += 1
+            damage.corrupt_bytes += fmt.HEADER.size + len(record.body)
+
+    for _ in _records(directory, numbers, salt, damage, first_pass, segments):
+        pass
+    for seg in segments:
+        with contextlib.suppress(FileNotFoundError):
+            seg.size = (directory / fmt.segment_name(seg.number)).stat().st_size
+    if segments and damage.torn_bytes and repair:
+        last = segments[-1]
+        end = good_end.get(last.number, 0)
+        with open(directory / fmt.segment_name(last.number), "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+        last.size = end
     for first, n in done + [r for _, rs in batches for r in rs]:
         max_lsn = max(max_lsn, first + n - 1)
-    settled = _settle(parts, done, segments)
-    pending = []
-    for token, ranges in batches:
-        lsns = [lsn for first, n in ranges for lsn in range(first, first + n)]
-        found = [parts[lsn] for lsn in lsns if lsn in parts]
-        # A batch settles in one DONE record: if any request of it is settled, all are, and those
-        # missing were in segments deleted for being settled. Only damage leaves some missing otherwise.
-        if not found or any(p.lsn in settled for p in found):
-            continue
-        pending.append(PendingBatch(token, found, missing=len(lsns) - len(found)))
-    in_batches = {p.lsn for b in pending for p in b.parts}
-    unsettled = [p for lsn, p in sorted(parts.items()) if lsn not in settled and lsn not in in_batches]
-    return Recovered(str(meta["instance"]), salt, max_lsn + 1, segments, pending, unsettled, damage, records,
-                     str(meta.get("database", "")))
-
-
-def _add_rows(parts: dict[int, Part], seg: SegmentInfo, rows: RowsRecord, key: Key) -> None:
-    for i, (n, offset, size) in enumerate(rows.parts):
-        lsn = rows.first_lsn + i
-        parts[lsn] = Part(lsn, key, n, seg.number, offset, size)
-    seg.add(rows.first_lsn, len(rows.parts))
-
-
-def _settle(parts: dict[int, Part], done: list[Range], segments: list[SegmentInfo]) -> set[int]:
-    settled: set[int] = set()
-    for first, n in done:
+    settled: list[Range] = []
+    for first, n in sorted(done):
+        if settled and first <= settled[-1][0] + settled[-1][1]:
+            lo, k = settled[-1]
+            settled[-1] = (lo, max(k, first + n - lo))
+        else:
+            settled.append((first, n))
+    for first, n in settled:
         for seg in segments:
             seg.settle(first, n)
-        settled.update(lsn for lsn in range(first, first + n) if lsn in parts)
-    return settled
+    recovered = Recovered(str(meta["instance"]), salt, max_lsn + 1, segments, [], directory, settled,
+                          damage=damage, records=records, database=str(meta.get("database", "")),
+                          numbers=list(numbers))
+    # Second pass: the requests of the batches in flight, and what is still to flush; record by record
+    # where a record is all new and all settled, or all unsettled and named by no batch.
+    wanted = {lsn for _, ranges in batches for first, n in ranges for lsn in range(first, first + n)}
+    found: dict[int, Part] = {}
+    for number, rows, _, fresh in _records(directory, numbers, salt, Damage()):
+        first, n = rows.first_lsn, len(rows.parts)
+        if fresh:
+            covered = _covered(settled, first, first + n)
+            if covered == n:
+                continue
+            if not covered and not any(first <= lsn < first + n for lsn in wanted):
+                _count(recovered, (rows.table, rows.fmt), n, sum(p[0] for p in rows.parts),
+                       sum(p[2] for p in rows.parts), first)
+                continue
+        for k, (rows_n, offset, size) in enumerate(rows.parts):
+            lsn = first + k
+            if not fresh and _copy(rows, k):
+                continue
+            if lsn in wanted:
+                found[lsn] = Part(lsn, (rows.table, rows.fmt), rows_n, number, offset, size)
+            if not _within(settled, lsn):
+                _count(recovered, (rows.table, rows.fmt), 1, rows_n, size, lsn)
+    for token, ranges in batches:
+        lsns = [lsn for first, n in ranges for lsn in range(first, first + n)]
+        parts = [found[lsn] for lsn in lsns if lsn in found]
+        # A batch settles in one DONE record: if any request of it is settled, all are, and those
+        # missing were in segments deleted for being settled. Only damage leaves some missing otherwise.
+        if not parts or any(_within(settled, p.lsn) for p in parts):
+            continue
+        recovered.pending.append(PendingBatch(token, parts, missing=len(lsns) - len(parts)))
+    held = sum(len(b.parts) for b in recovered.pending)
+    recovered.unsettled_requests = sum(t[0] for t in recovered.tables.values()) - held
+    return recovered
+
+
+def _count(recovered: Recovered, key: Key, requests: int, rows: int, size: int, lsn: int) -> None:
+    """Counts requests still to flush (``lsn``: the smallest of them)."""
+    recovered.unsettled_rows += rows
+    t = recovered.tables.setdefault(key, [0, 0, 0])
+    t[0] += requests
+    t[1] += rows
+    t[2] += size
+    if recovered.oldest_lsn is None or lsn < recovered.oldest_lsn:
+        recovered.oldest_lsn = lsn
 
 
 @dataclass
@@ -708,32 +851,21 @@ class WriteAheadLog:
 def describe(directory: Path) -> dict[str, Any]:
     """What a log holds, read-only (``ingest-buffer wal inspect``)."""
     recovered = recover(directory, repair=False)
-    tables: dict[str, dict[str, int]] = {}
-    for part in _all_unsettled(recovered):
-        t = tables.setdefault(f"{part.key[0]} ({part.key[1]})", {"requests": 0, "rows": 0, "bytes": 0})
-        t["requests"] += 1
-        t["rows"] += part.rows
-        t["bytes"] += part.size
-    oldest = min((p.lsn for p in _all_unsettled(recovered)), default=None)
+    tables = {f"{table} ({format_})": {"requests": n, "rows": rows, "bytes": size}
+              for (table, format_), (n, rows, size) in recovered.tables.items()}
     return {
         "directory": str(directory), "instance": recovered.instance, "database": recovered.database or None,
         "format": fmt.FORMAT_VERSION,
         "segments": [{"name": fmt.segment_name(s.number), "bytes": s.size, "requests": s.requests,
                       "settled": s.settled} for s in recovered.segments],
         "records": recovered.records, "bytes": sum(s.size for s in recovered.segments),
-        "unsettled": {"rows": recovered.unsettled_rows, "tables": tables, "oldest_lsn": oldest,
+        "unsettled": {"rows": recovered.unsettled_rows, "tables": tables, "oldest_lsn": recovered.oldest_lsn,
                       "batches_in_flight": [{"token": b.token, "requests": len(b.parts), "missing": b.missing}
                                             for b in recovered.pending]},
         "damage": {"torn_bytes": recovered.damage.torn_bytes, "corrupt_bytes": recovered.damage.corrupt_bytes,
                    "corrupt_records": recovered.damage.corrupt_records},
         "next_lsn": recovered.next_lsn,
     }
-
-
-def _all_unsettled(recovered: Recovered) -> Iterator[Part]:
-    yield from recovered.unsettled
-    for batch in recovered.pending:
-        yield from batch.parts
 
 
 Clock = Callable[[], float]

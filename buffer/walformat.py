@@ -138,12 +138,13 @@ def to_ranges(lsns: list[int]) -> list[Range]:
 
 # ----- decoding ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowsRecord:
     first_lsn: int
     fmt: str
     table: str
     parts: tuple[tuple[int, int, int], ...]  # (rows, file offset of the payload, bytes) per part
+    copies: list[bool] | None = None  # reading a log: which parts were met before (written again)
 
     @property
     def last_lsn(self) -> int:
@@ -161,7 +162,9 @@ def decode_rows(body: memoryview, body_offset: int) -> RowsRecord:
     at = ROWS_HEAD.size
     table = bytes(body[at:at + table_len]).decode()
     at += table_len
-    sizes = [PART.unpack_from(body, at + i * PART.size) for i in range(n)]
+    sizes = list(PART.iter_unpack(body[at:at + n * PART.size]))
+    if len(sizes) != n:
+        raise ValueError("ROWS record shorter than its parts' sizes")
     at += n * PART.size
     parts = []
     for rows, size in sizes:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from buffer import __version__
+from buffer.ledger import EXIT_KEPT_IN_LOG
 from tests.conftest import dev_tool, free_port
 from tests.image.daemon import Dockerd, base_image, debootstrap_rootfs, dockerd, ensure_tools, run
 
@@ -311,25 +312,37 @@ def test_sigterm_with_nothing_buffered_exits_0(docker: Dockerd, image: Image, tm
         assert not b.state()["OOMKilled"]
 
 
-def test_sigterm_with_unflushed_rows_exits_3(docker: Dockerd, image: Image, tmp_path: Path) -> None:
-    """ClickHouse is unreachable: the rows stay buffered, the drain deadline passes, exit 3 with a count."""
+@pytest.mark.parametrize("wal", [True, False], ids=["log-on", "log-off"])
+def test_sigterm_with_unflushed_rows_keeps_them_in_the_log_or_exits_3(docker: Dockerd, image: Image, tmp_path: Path,
+                                                                      wal: bool) -> None:
+    """ClickHouse is unreachable: the rows stay buffered and the drain deadline passes. With the log (the
+    image's default) they stay in it on the volume: exit 4; without it, exit 3 with a count."""
     import grpc
 
     from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
     from buffer._proto.ingestbuffer.v1 import ingest_pb2_grpc as pb_grpc
+    from buffer.wal import describe
 
-    with run_buffer(docker, image, tmp_path, INGEST_BUFFER_DRAIN_TIMEOUT="2s", INGEST_BUFFER_LINGER="0s") as b:
+    env = {"INGEST_BUFFER_DRAIN_TIMEOUT": "2s", "INGEST_BUFFER_LINGER": "0s",
+           **({} if wal else {"INGEST_BUFFER_WAL_DIR": ""})}
+    with run_buffer(docker, image, tmp_path, **env) as b:
         b.wait_ready()
         with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
             pb_grpc.IngestServiceStub(channel).Write(  # type: ignore[no-untyped-call]
                 pb.WriteRequest(table="events", format=pb.FORMAT_JSON_EACH_ROW, rows=b'{"id":1}\n{"id":2}\n'),
                 timeout=10)
         code, took = b.stop()
-        print(f"\n[image] docker stop with 2 rows buffered: exit {code} after {took:.1f}s")
+        print(f"\n[image] docker stop with 2 rows buffered, log {'on' if wal else 'off'}: exit {code} after "
+              f"{took:.1f}s")
         logs = b.logs()
-        assert code == 3, logs
         assert took < STOP_GRACE, logs
-        assert "rows_not_flushed" in logs, logs
+        if wal:
+            assert code == EXIT_KEPT_IN_LOG, logs
+            assert "stay in the write-ahead log (/var/lib/ingest-buffer/wal)" in logs, logs
+            assert describe(tmp_path / "wal")["unsettled"]["rows"] == 2, "on the volume, for the next container"
+        else:
+            assert code == 3, logs
+            assert "rows_not_flushed" in logs, logs
 
 
 def test_final_stage_holds_only_the_venv(docker: Dockerd, image: Image) -> None:
