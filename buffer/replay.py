@@ -12,12 +12,14 @@ the disk holds up to ``--wal-max-bytes``.
 A routine between the flusher and the gRPC listener. At start it puts back, first, every batch that
 was being inserted when the previous process stopped — each as one batch, with exactly its requests
 and its recorded deduplication token, so an insert that committed just before a crash is dropped by
-ClickHouse rather than doubled — then as many of the other unsettled requests as the buffer has room
-for, and the listener opens. The rest follow in the background as flushes make room, in the order
-they were accepted; they wait their turn whatever ``--when-full`` says, and keep coming while the
-buffer drains (they were acknowledged long ago): the replay's stop waits for them, up to the drain
-deadline, and what is still on disk then stays in the log for the next start. ``done`` is set
-once everything is back in the buffer; a Flush barrier waits for it.
+ClickHouse rather than doubled — then the other unsettled requests, as many as the buffer has room
+for (up to START_BYTES), and the listener opens. The rest follow in the background as flushes make
+room, in the order they were accepted (runs of small requests of a line format joined into one
+entry, as the service joins them); new requests queue behind them on disk until they are all back,
+so the old rows go first. They wait their turn whatever ``--when-full`` says, and keep coming while
+the buffer drains (they were acknowledged long ago): the replay's stop waits for them, up to the
+drain deadline, and what is still on disk then stays in the log for the next start. ``done`` is set
+once the last run's rows are all back in the buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+from buffer.api import FORMATS
 from buffer.ledger import Ledger, Outcome, Reason
 from buffer.ring import Entry, EntryFailed, Ring, State
 from buffer.routines import Routine
@@ -35,6 +38,9 @@ from buffer.wal import FAULT_RETRY, LogFailed, Part, Recovered, WriteAheadLog, r
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 * 1024 * 1024  # read back at most this much at a time
+START_BYTES = 16 * 1024 * 1024  # put back at most this much before the listener opens (the rest follows)
+# Formats whose requests may be joined into one entry (their rows can still be split apart).
+LINE_FORMATS = frozenset(name for name, lines in FORMATS.values() if lines)
 _IN_LOG = Outcome(Reason.KEPT_IN_LOG)
 _UNREADABLE = Outcome(Reason.UNREADABLE_IN_LOG)
 
@@ -112,20 +118,21 @@ class Spill:
         self.bytes -= size
         self._moved.set()
 
-    def entry(self, lsn: int, key: tuple[str, str], rows: int, payload: bytes) -> Entry | None:
+    def entry(self, lsn: int, key: tuple[str, str], rows: int, payload: bytes) -> tuple[Entry | None, bool]:
         """The entry of a request read back, or None when it is not one of this run's spilled ones
-        (before it, read back already, or withdrawn)."""
+        (before it, read back already, or withdrawn); and whether someone still holds that entry
+        (a COMMITTED or DURABLE writer: it must stay an entry of its own)."""
         if lsn < self.first_lsn or lsn <= self.last_read:
-            return None
+            return None, False
         if lsn in self.withdrawn:
             self.withdrawn.discard(lsn)
-            return None
+            return None, False
         entry = self.entries.pop(lsn, None)
         if entry is None:
-            return Entry(key, payload, rows, lsn=lsn)
+            return Entry(key, payload, rows, lsn=lsn), False
         entry.payload = payload
         entry.size = len(payload)
-        return entry
+        return entry, True
 
     def back(self, entry: Entry) -> None:
         self.last_read = entry.lsn
@@ -259,12 +266,14 @@ class Replay(Routine):
                                             CHUNK_BYTES)
             self._damage(found.damage.corrupt_records)
             for lsn, key, rows, payload in found.parts:
-                entry = spill.entry(lsn, key, rows, payload)
+                entry, tracked = spill.entry(lsn, key, rows, payload)
                 if entry is None:
                     continue
                 if lsn != spill.last_read + 1 and spill.last_read >= spill.first_lsn:
                     self._gap(spill.last_read + 1, lsn)
-                while not self.ring.admit_from_log(entry, counted=True):
+                joinable = not tracked and key[1] in LINE_FORMATS
+                while not ((joinable and self.ring.join_from_log(key, payload, rows, lsn, counted=True))
+                           or self.ring.admit_from_log(entry, counted=True)):
                     self.ring.released.clear()
                     await self.ring.released.wait()
                 spill.back(entry)
@@ -295,9 +304,12 @@ class Replay(Routine):
         return Entry(part.key, payload, part.rows, lsn=part.lsn)
 
     async def _admit(self, *, wait: bool) -> None:
-        """Reads the requests left, in order, and puts them in the ring: without ``wait``, only while
-        there is room; with it, waiting for room as long as it takes."""
-        while self._left_requests > 0:
+        """Reads the requests left, in order, and puts them in the ring (a run of small ones of a line
+        format joined into one entry, as the service does): without ``wait``, as many as the buffer
+        holds at most (flushes may free room meanwhile: the listener must not wait for the whole
+        log); with it, waiting for room as long as it takes."""
+        budget = min(self.ring.max_bytes, START_BYTES)
+        while self._left_requests > 0 and (wait or budget > 0):
             chunk = await asyncio.to_thread(self._chunk)
             if not chunk:  # the log holds fewer than it counted at start: a segment was removed under it
                 log.error("%d requests (%d rows) counted in the write-ahead log in %s at start were not found "
@@ -308,15 +320,24 @@ class Replay(Routine):
                 self._left_requests = self._left_rows = 0
                 break
             for i, (part, data) in enumerate(chunk):
-                entry = self._entry(part, data)
-                if entry.size > self.ring.max_bytes or entry.rows > self.ring.max_rows:
-                    self.ring.readmit([entry])  # larger than the buffer now is (a smaller --buffer-max-*): alone
-                while entry.seq == 0 and not self.ring.admit_from_log(entry):
+                if not wait and budget <= 0:
+                    self._ahead_chunk(chunk[i:])
+                    return
+                budget -= len(data)
+                ring = self.ring
+                joinable = part.key[1] in LINE_FORMATS
+                entry: Entry | None = None
+                while not (joinable and ring.join_from_log(part.key, data, part.rows, part.lsn)):
+                    entry = entry or self._entry(part, data)
+                    if entry.size > ring.max_bytes or entry.rows > ring.max_rows:
+                        ring.readmit([entry])  # larger than the buffer now is (a smaller --buffer-max-*): alone
+                    if entry.seq or ring.admit_from_log(entry):
+                        break
                     if not wait:
                         self._ahead_chunk(chunk[i:])
                         return
-                    self.ring.released.clear()
-                    await self.ring.released.wait()  # a flush settled something: there may be room
+                    ring.released.clear()
+                    await ring.released.wait()  # a flush settled something: there may be room
                 self._left_requests -= 1
                 self._left_rows -= part.rows
                 self.replayed_rows += part.rows

@@ -172,9 +172,26 @@ class Ring:
         still split), and never into an entry someone waits on, one a flush barrier covers, or one
         past ``coalesce_bytes``.
         """
-        queue = self._queues.get(key)
-        if not queue or self._closed or self._blocked or self.when_full is WhenFull.DROP_OLDEST:
+        if self._closed or self._blocked or self.when_full is WhenFull.DROP_OLDEST:
             return False  # (drop_oldest drops whole entries: they stay one request each)
+        return self._join(key, payload, rows, lsn)
+
+    def join_from_log(self, key: Key, payload: bytes, rows: int, lsn: int, *, counted: bool = False) -> bool:
+        """try_append for a request read back from the write-ahead log: whatever the policy and even
+        while draining (it was acknowledged long ago). ``counted`` as for admit_from_log."""
+        if not self._join(key, payload, rows, lsn):
+            return False
+        if counted:
+            ledger = self.ledger
+            ledger.accepted_rows -= rows
+            ledger.accepted_bytes -= len(payload)
+            ledger.accepted_requests -= 1
+        return True
+
+    def _join(self, key: Key, payload: bytes, rows: int, lsn: int) -> bool:
+        queue = self._queues.get(key)
+        if not queue:
+            return False
         tail = queue[-1]
         if tail.replay_token is not None or tail.syncing:
             return False  # a resent batch holds exactly what it held; a DURABLE one may yet be taken back

@@ -151,7 +151,10 @@ class IngestService:
         committed = ack == _COMMITTED
         durable = ack == _DURABLE
         spill = self.spill
-        if not spill.active:
+        replay = self.replay
+        # Rows left in the log by the last run go first: until they are all back in memory, new
+        # requests queue behind them, on disk.
+        if not spill.active and (replay is None or replay.done.is_set()):
             if ack == pb.ACK_LEVEL_BUFFERED and lines and ring.try_append(key, payload, rows, lsn):
                 wal.put_rows(key, lsn, rows, payload, False)
                 return rows, size, None, None, None
