@@ -402,10 +402,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every phase; medians are shown (default 3)")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s phases, smaller budgets (<1 min)")
     parser.add_argument("--profile", type=Path, default=None, help="record py-spy flame graphs of the sidecar here")
+    parser.add_argument("--wal", action="store_true",
+                        help="measure the write-ahead log's costs instead (bench/wal_bench.py; --seconds, --quick)")
     parser.add_argument("--reference", action="store_true",
                         help="also run the sidecar's phases against bench/reference_server.py, the simplest "
                              "server that takes the same requests (about 2 more minutes)")
     args = parser.parse_args()
+    if args.wal:
+        import wal_bench  # beside this file
+
+        given = ["--seconds", str(args.seconds)] if any(a.startswith("--seconds") for a in sys.argv) else []
+        sys.argv = [wal_bench.__file__, *given, *(["--quick"] if args.quick else [])]
+        wal_bench.main()
+        return 0
     if args.quick:
         args.seconds, args.rows, args.small_rows = 2.0, min(args.rows, 600_000), min(args.small_rows, 100_000)
         args.repeat = 1

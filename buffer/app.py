@@ -82,7 +82,7 @@ class App:
         http = parse_listen(cfg.http_listen)
         assert not isinstance(http, str)
         self.admin = AdminServer(http[0], http[1], AdminRoutes(self.lifecycle, self.ring, self.flusher,
-                                                               self.telemetry).table(),
+                                                               self.telemetry, lambda: self.replay).table(),
                                  local_only=frozenset({("POST", "/drain")}))
         self.replay: Replay | None = None
         self.signals = signals

@@ -78,6 +78,7 @@ class Spill:
         """A request went to disk only; ``position`` is where the writer stood before it was queued."""
         if not self.requests:
             self.first_lsn = lsn
+            self.last_read = lsn - 1  # (so that a first request lost to damage shows as a gap)
             self.cursor = position
             self.withdrawn.clear()
         self.requests += 1
@@ -113,7 +114,7 @@ class Spill:
         return True
 
     def _gone(self, rows: int, size: int, requests: int = 1) -> None:
-        self.requests -= requests
+        self.requests = max(0, self.requests - requests)
         self.rows -= rows
         self.bytes -= size
         self._moved.set()
@@ -124,8 +125,9 @@ class Spill:
         (a COMMITTED or DURABLE writer: it must stay an entry of its own)."""
         if lsn < self.first_lsn or lsn <= self.last_read:
             return None, False
-        if lsn in self.withdrawn:
+        if lsn in self.withdrawn:  # counted out when it was withdrawn: only the reader moves on
             self.withdrawn.discard(lsn)
+            self.last_read = lsn
             return None, False
         entry = self.entries.pop(lsn, None)
         if entry is None:
@@ -164,6 +166,7 @@ class Replay(Routine):
         self.ring = ring
         self.spill = spill if spill is not None else Spill(ring)
         self.unreadable_requests = 0
+        self._in_hand: Entry | None = None  # read back from the spill, waiting for room
         self.ledger: Ledger = ring.ledger
         self.replayed_rows = 0
         # The requests still to flush that no pending batch holds, read from the log as they are
@@ -227,10 +230,15 @@ class Replay(Routine):
     async def stop(self) -> None:
         """Lets the rows still on disk come back while the flusher drains, up to the deadline."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_back(), self._lifecycle_remaining())
+            await asyncio.wait_for(self.all_back(), self._lifecycle_remaining())
         self._stopped.set()
 
-    async def _all_back(self) -> None:
+    def rows_on_disk(self) -> int:
+        """Rows accepted that are in the log and not in memory: the last run's and the spilled."""
+        return max(0, self._left_rows) + self.spill.rows
+
+    async def all_back(self) -> None:
+        """Returns once no accepted row is in the log only."""
         await self.done.wait()
         while self.spill.active:
             await self.spill.changed()
@@ -272,10 +280,12 @@ class Replay(Routine):
                 if lsn != spill.last_read + 1 and spill.last_read >= spill.first_lsn:
                     self._gap(spill.last_read + 1, lsn)
                 joinable = not tracked and key[1] in LINE_FORMATS
+                self._in_hand = entry
                 while not ((joinable and self.ring.join_from_log(key, payload, rows, lsn, counted=True))
                            or self.ring.admit_from_log(entry, counted=True)):
                     self.ring.released.clear()
                     await self.ring.released.wait()
+                self._in_hand = None
                 spill.back(entry)
                 if not spill.active:
                     break  # every spilled request is back; what follows in the chunk is not one
@@ -296,7 +306,11 @@ class Replay(Routine):
             self.unreadable_requests += len(missing)
             self.spill._gone(0, 0, len(missing))
             for lsn in missing:
-                self.spill.entries.pop(lsn, None)
+                entry = self.spill.entries.pop(lsn, None)
+                if entry is not None and entry.waiter is not None and not entry.waiter.done():
+                    entry.outcome = _UNREADABLE
+                    entry.waiter.set_exception(EntryFailed(f"{entry.rows} rows {_UNREADABLE.describe()}"))
+                    entry.waiter.exception()
             log.error("requests %d to %d, accepted onto disk, could not be read back from %s: lost", missing[0],
                       missing[-1], self.wal.directory, extra={"wal_unreadable_requests": len(missing)})
 
@@ -365,6 +379,10 @@ class Replay(Routine):
             self.ledger.accepted_rows += rows
             self.ledger.accepted_requests += requests
             self.ledger.fail(_IN_LOG, rows)
+        held = self._in_hand
+        if held is not None and held.waiter is not None and held.seq == 0:
+            self.spill.entries[held.lsn] = held  # its writer hears it stays in the log, with the rest
+        self._in_hand = None
         rows += self.spill.keep()
         if rows:
             log.warning("%d rows from the write-ahead log were not put back before the stop; they stay in %s for "

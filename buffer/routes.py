@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from buffer.admin import Handler, json_body
 from buffer.flusher import Flusher
 from buffer.lifecycle import Lifecycle
+from buffer.replay import Replay
 from buffer.ring import Ring
 from buffer.telemetry import Telemetry
 
 
 class AdminRoutes:
-    def __init__(self, lifecycle: Lifecycle, ring: Ring, flusher: Flusher, telemetry: Telemetry) -> None:
+    def __init__(self, lifecycle: Lifecycle, ring: Ring, flusher: Flusher, telemetry: Telemetry,
+                 replay: Callable[[], Replay | None] = lambda: None) -> None:
         self.lifecycle = lifecycle
         self.ring = ring
         self.ledger = ring.ledger
         self.flusher = flusher
         self.telemetry = telemetry
+        self.replay = replay  # the write-ahead log's reader, once the log is open: rows on disk only
 
     def table(self) -> dict[tuple[str, str], Handler]:
         return {("GET", "/livez"): self.livez, ("GET", "/readyz"): self.readyz, ("POST", "/drain"): self.drain,
@@ -51,13 +54,22 @@ class AdminRoutes:
         lc.drain("POST /drain")
         if lc.mode == "gateway":
             await self._until_deadline(lc.refusing.wait())
-        await self._until_deadline(self.ring.emptied.wait())
-        drained = self.ring.outstanding == 0
+        await self._until_deadline(self._empty())
+        replay = self.replay()
+        on_disk = replay.rows_on_disk() if replay is not None else 0
+        drained = self.ring.outstanding == 0 and not on_disk
         assert lc.drain_started is not None
         body = {"drained": drained, "mode": lc.mode, "phase": lc.phase.label, "accepting": lc.accepting,
-                "rows_buffered": self.ring.rows, **self.ledger.summary(),
+                "rows_buffered": self.ring.rows, "rows_on_disk_only": on_disk, **self.ledger.summary(),
                 "seconds": round(lc.clock() - lc.drain_started, 3), "deadline_in": round(lc.remaining(), 3)}
         return json_body(200 if drained else 503, body)
+
+    async def _empty(self) -> None:
+        """Until every row is out of memory and off the disk-only queue."""
+        replay = self.replay()
+        if replay is not None:
+            await replay.all_back()
+        await self.ring.emptied.wait()
 
     async def _until_deadline(self, aw: Awaitable[Any]) -> None:
         with contextlib.suppress(TimeoutError):

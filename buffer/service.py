@@ -232,13 +232,29 @@ class IngestService:
                     await fut
                 except LogFailed:
                     for later, entry in waits[i + 1:]:  # on disk or not, they are refused with the rest
-                        if later.done() and later.exception() is None:
+                        if not later.done():
+                            later.add_done_callback(functools.partial(self._refused_anyway, entry))
+                        elif later.exception() is None:
                             self._withdraw(entry)
                     return i
             return len(waits)
         finally:
-            for _, entry in waits:
-                self.spill.forget(entry)  # a spilled one needs no entry until it is read back
+            for fut, entry in waits:
+                # A spilled one needs no entry until it is read back, once its fsync is over (a failed
+                # one is withdrawn through its entry: _synced runs before this callback).
+                if fut.done():
+                    self.spill.forget(entry)
+                else:
+                    fut.add_done_callback(functools.partial(self._forget, entry))
+
+    def _forget(self, entry: Entry, _: asyncio.Future[None]) -> None:
+        self.spill.forget(entry)
+
+    def _refused_anyway(self, entry: Entry, fut: asyncio.Future[None]) -> None:
+        """A DURABLE request the client was told was refused (one before it in its stream failed)
+        reached the disk after all: taken back, so that it does not land."""
+        if not fut.cancelled() and fut.exception() is None:
+            self._withdraw(entry)
 
     async def _committed(self, entries: list[Entry]) -> None:
         """Waits until ClickHouse took every entry; raises CommitFailed if any failed."""

@@ -313,15 +313,21 @@ def recover(directory: Path, *, repair: bool = True) -> Recovered:
                           numbers=list(numbers))
     # Second pass: the requests of the batches in flight, and what is still to flush; record by record
     # where a record is all new and all settled, or all unsettled and named by no batch.
+    # A batch logged twice (asked again after a failed fsync) is one batch.
+    batches = list({token: ranges for token, ranges in batches}.items())
     wanted = {lsn for _, ranges in batches for first, n in ranges for lsn in range(first, first + n)}
+    ordered = sorted(wanted)
     found: dict[int, Part] = {}
     for number, rows, _, fresh in _records(directory, numbers, salt, Damage()):
         first, n = rows.first_lsn, len(rows.parts)
         if fresh:
-            covered = _covered(settled, first, first + n)
-            if covered == n:
-                continue
-            if not covered and not any(first <= lsn < first + n for lsn in wanted):
+            i = bisect.bisect_right(settled, (first, 1 << 62)) - 1  # the settled range first may be in
+            if i >= 0 and settled[i][0] + settled[i][1] >= first + n:
+                continue  # all settled
+            j = bisect.bisect_left(ordered, first)
+            later = bisect.bisect_left(settled, (first + n, 0))  # settled ranges starting after the record
+            overlap = (i >= 0 and settled[i][0] + settled[i][1] > first) or later > i + 1
+            if not overlap and not (j < len(ordered) and ordered[j] < first + n):
                 _count(recovered, (rows.table, rows.fmt), n, sum(p[0] for p in rows.parts),
                        sum(p[2] for p in rows.parts), first)
                 continue
@@ -406,8 +412,21 @@ def read_rows(directory: Path, salt: int, segment: int, offset: int, synced: tup
         for i, (n, at, size) in enumerate(rows.parts):
             parts.append((rows.first_lsn + i, key, n, data[at:at + size]))
     damage.torn_bytes = 0  # the limit cuts records short: that is where the next read starts
-    if offset + stop >= end and segment < synced[0]:
+    finished = segment < synced[0]
+    if offset + stop >= end and finished:
         return ReadBack(parts, segment + 1, 0, damage)
+    if stop == 0 and data:
+        # Nothing whole where the reader stands, in bytes already synced: damage. Go on from the next
+        # record that holds, or past what was read (the next segment, once this one is finished).
+        resume = fmt.next_record(view, 1, salt)
+        damage.corrupt_records += 1
+        if resume is not None:
+            damage.corrupt_bytes += resume
+            return ReadBack(parts, segment, offset + resume, damage)
+        damage.corrupt_bytes += len(data)
+        if offset + len(data) >= end:
+            return ReadBack(parts, segment + 1, 0, damage) if finished else ReadBack(parts, segment, end, damage)
+        return ReadBack(parts, segment, offset + len(data), damage)
     return ReadBack(parts, segment, offset + stop, damage)
 
 

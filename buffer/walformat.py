@@ -218,7 +218,7 @@ def scan(data: memoryview, damage: Damage, salt: int) -> Iterator[Scanned]:
             yield Scanned(kind, at, data[at + HEADER.size:at + HEADER.size + length])
             at += HEADER.size + length
             continue
-        resume = _next_record(data, at + 1, salt)
+        resume = next_record(data, at + 1, salt)
         if resume is None:
             damage.torn_bytes += end - at  # nothing whole after it: a write the crash cut short
             return
@@ -240,7 +240,7 @@ def _record_at(data: memoryview, at: int, salt: int) -> tuple[Kind, int] | None:
     return Kind(kind), length
 
 
-def _next_record(data: memoryview, start: int, salt: int) -> int | None:
+def next_record(data: memoryview, start: int, salt: int) -> int | None:
     """The offset of the next magic at which a whole, valid record begins."""
     raw = data.obj if isinstance(data.obj, bytes) and len(data.obj) == len(data) else bytes(data)
     at = start

@@ -4,6 +4,9 @@ back in order. ClickHouse over HTTP behind a proxy that refuses connections play
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,15 @@ CAP = 64 * 1024  # the buffer's memory; every test offers several times that
 OUTAGE = {"buffer_max_bytes": CAP, "max_request_bytes": 16 * 1024, "flush_max_bytes": CAP // 2,
           "when_full": "reject", "retry_initial_backoff": "50ms", "retry_max_backoff": "100ms",
           "flush_interval": "50ms", "wal_segment_bytes": 64 * 1024}
+
+
+def post_drain(http: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(http + "/drain", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def counts(ch: ClickHouse) -> list[int]:
@@ -93,6 +105,9 @@ async def test_rows_on_disk_only_at_the_deadline_stay_in_the_log_for_the_next_st
     n = await write_many(stub, 0, 100)
     on_disk = buf.app.service.spill.rows
     assert on_disk > 0
+    status, body = await asyncio.to_thread(post_drain, buf.http)
+    assert status == 503 and not body["drained"], "rows on disk only are not drained"
+    assert body["rows_on_disk_only"] > 0 and body["rows_buffered"] > 0
     buf.app.stop()
     assert await asyncio.wait_for(buf.task, 30) == EXIT_KEPT_IN_LOG
     summary = buf.app.ledger.summary()

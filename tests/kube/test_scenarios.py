@@ -280,7 +280,10 @@ def test_grace_period_too_short_for_the_backlog_reports_the_shortfall(
         assert buffer.exit_code == EXIT_KEPT_IN_LOG and not buffer.killed, buffer.log()[-2000:]
         assert summary["rows_lost"] == 0 and summary["rows_kept_in_log"] > 0
         assert summary["rows_accepted"] - summary["rows_committed"] == summary["rows_kept_in_log"]
-        assert summary["rows_committed"] == landed
+        # An insert still running at the deadline may finish in ClickHouse after the buffer stopped
+        # waiting: its rows are kept in the log all the same, and their resend under the same token
+        # is dropped by ClickHouse.
+        assert summary["rows_committed"] <= landed <= summary["rows_committed"] + summary["rows_kept_in_log"]
         assert "/volumes/ingest-buffer-wal" in summary["msg"], "the last line says where the rows are"
         print(json.dumps({"scenario": "grace too short, log on", "sent": len(acked), "landed": landed,
                           "kept_in_log": summary["rows_kept_in_log"], "pod_termination_s": round(took, 2)}))
