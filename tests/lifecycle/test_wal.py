@@ -175,7 +175,10 @@ def test_a_kill_during_replay_then_a_clean_start_lands_every_row_once(
     small = ("--buffer-max-bytes", "256KiB", "--max-request-bytes", "64KiB", "--flush-max-bytes", "64KiB",
              "--flush-interval", "300ms")
     s = start(*small)
-    time.sleep(0.1)
+    end = time.monotonic() + 20
+    while int(query(clickhouse, "SELECT count() FROM app.events")[0][0]) == 0:  # the replay has begun to land
+        assert time.monotonic() < end, "the replay landed nothing"
+        time.sleep(0.02)
     s.signal(signal.SIGKILL)  # in the middle of the replay
     s.wait(10)
     during = int(query(clickhouse, "SELECT count() FROM app.events")[0][0])
