@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import urllib.error
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from buffer import __version__
 from buffer.config import ENV_PREFIX, Config, ConfigError, add_arguments, load, parse_listen
 
+EXIT_THREAD_WAIT = 0.3  # seconds the exit waits for worker threads still busy (an insert past the deadline)
 EPILOG = (f"Every setting is also read from the environment as {ENV_PREFIX}<NAME> "
           f"(e.g. {ENV_PREFIX}CLICKHOUSE_URL) and from a TOML file given with --config.")
 
@@ -50,7 +52,20 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
 
     async def main() -> int:
-        return await App(cfg).run()
+        code = await App(cfg).run()
+        # An insert still running past the drain deadline (its rows counted in doubt, or kept in the
+        # log) holds a worker thread that asyncio.run would wait for, past the kubelet's SIGKILL:
+        # everything is settled and logged by now, so the process ends without it.
+        shutdown = getattr(asyncio.get_running_loop(), "shutdown_default_executor", None)
+        try:
+            if shutdown is not None:
+                await asyncio.wait_for(shutdown(), EXIT_THREAD_WAIT)
+        except TimeoutError:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     if cfg.event_loop != "asyncio":
         try:
