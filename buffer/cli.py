@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from buffer import __version__
 from buffer.config import ENV_PREFIX, Config, ConfigError, add_arguments, load, parse_listen
 
-EXIT_THREAD_WAIT = 0.3  # seconds the exit waits for worker threads still busy (an insert past the deadline)
+EXIT_THREAD_WAIT = 0.2  # seconds the exit waits for worker threads still busy (an insert past the deadline)
 EPILOG = (f"Every setting is also read from the environment as {ENV_PREFIX}<NAME> "
           f"(e.g. {ENV_PREFIX}CLICKHOUSE_URL) and from a TOML file given with --config.")
 

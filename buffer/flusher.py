@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # At exit, how long inserts already sent may take to finish before their rows count as in doubt (with
 # the log, they stay there for the next start). Short: a sidecar's SIGTERM can come late in the pod's
 # grace period, and the process does not wait for the insert's thread after this (cli._serve).
-IN_FLIGHT_GRACE = 1.0
+IN_FLIGHT_GRACE = 0.5
 # How long a batch waits for a failing log to record it before it is sent without that.
 BATCH_LOG_PATIENCE = 5.0
 _NOT_FLUSHED = Outcome(Reason.NOT_FLUSHED_BEFORE_EXIT)
