@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from buffer import __version__
 from buffer.config import ENV_PREFIX, Config, ConfigError, add_arguments, load, parse_listen
 
-EXIT_THREAD_WAIT = 0.2  # seconds the exit waits for worker threads still busy (an insert past the deadline)
 EPILOG = (f"Every setting is also read from the environment as {ENV_PREFIX}<NAME> "
           f"(e.g. {ENV_PREFIX}CLICKHOUSE_URL) and from a TOML file given with --config.")
 
@@ -53,19 +52,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         code = await App(cfg).run()
-        # An insert still running past the drain deadline (its rows counted in doubt, or kept in the
-        # log) holds a worker thread that asyncio.run would wait for, past the kubelet's SIGKILL:
-        # everything is settled and logged by now, so the process ends without it.
-        shutdown = getattr(asyncio.get_running_loop(), "shutdown_default_executor", None)
-        try:
-            if shutdown is not None:
-                await asyncio.wait_for(shutdown(), EXIT_THREAD_WAIT)
-        except TimeoutError:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
+        # Everything is settled, synced and logged now. An insert still running past the drain
+        # deadline (its rows counted in doubt, or kept in the log) holds a worker thread that the
+        # interpreter's exit would wait for — past the kubelet's SIGKILL, which gives a sidecar 2 s
+        # after its SIGTERM at the end of the grace period. So the process ends here.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     if cfg.event_loop != "asyncio":
         try:
