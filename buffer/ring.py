@@ -182,11 +182,16 @@ class Ring:
         if not self._join(key, payload, rows, lsn):
             return False
         if counted:
-            ledger = self.ledger
-            ledger.accepted_rows -= rows
-            ledger.accepted_bytes -= len(payload)
-            ledger.accepted_requests -= 1
+            self._uncount(rows, len(payload))
         return True
+
+    def _uncount(self, rows: int, size: int) -> None:
+        """Takes back the ledger's count of a request just added: it was counted in when it was
+        accepted onto disk."""
+        ledger = self.ledger
+        ledger.accepted_rows -= rows
+        ledger.accepted_bytes -= size
+        ledger.accepted_requests -= 1
 
     def _join(self, key: Key, payload: bytes, rows: int, lsn: int) -> bool:
         queue = self._queues.get(key)
@@ -256,10 +261,7 @@ class Ring:
             return False
         self._admit(entry)
         if counted:
-            ledger = self.ledger
-            ledger.accepted_rows -= entry.rows
-            ledger.accepted_bytes -= entry.size
-            ledger.accepted_requests -= 1
+            self._uncount(entry.rows, entry.size)
         return True
 
     async def put(self, entry: Entry, timeout: float) -> None:

@@ -91,6 +91,15 @@ class HttpEndpoint:
             data: dict[str, Any] = json.loads(r.read())
             return data
 
+    def query(self, sql: str) -> list[list[Any]]:
+        """Runs SQL over HTTP; the rows of its result (JSONCompact), none for a statement."""
+        import urllib.request
+
+        req = urllib.request.Request(self.url + "/?default_format=JSONCompact", data=sql.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+        return json.loads(body)["data"] if body.strip() else []  # type: ignore[no-any-return]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

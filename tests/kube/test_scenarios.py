@@ -30,22 +30,13 @@ SECRETS = {"clickhouse-credentials": {"password": "unused-by-the-test-endpoint"}
 @pytest.fixture(scope="module")
 def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpEndpoint]:
     endpoint = HttpEndpoint(tmp_path_factory.mktemp("kube-chdb"))
-    query(endpoint, "CREATE DATABASE app")
-    query(endpoint, "CREATE TABLE app.events (id UInt64, s String) ENGINE = MergeTree ORDER BY id "
+    endpoint.query("CREATE DATABASE app")
+    endpoint.query("CREATE TABLE app.events (id UInt64, s String) ENGINE = MergeTree ORDER BY id "
                     "SETTINGS non_replicated_deduplication_window = 100000")
-    query(endpoint, "CREATE TABLE app.slow (id UInt64, s String, pause UInt8 MATERIALIZED sleepEachRow(0.01)) "
+    endpoint.query("CREATE TABLE app.slow (id UInt64, s String, pause UInt8 MATERIALIZED sleepEachRow(0.01)) "
                     "ENGINE = MergeTree ORDER BY id")
     yield endpoint
     endpoint.stop()
-
-
-def query(endpoint: HttpEndpoint, sql: str) -> list[list[Any]]:
-    import urllib.request
-
-    req = urllib.request.Request(endpoint.url + "/?default_format=JSONCompact", data=sql.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        body = r.read()
-    return json.loads(body)["data"] if body.strip() else []  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -97,7 +88,7 @@ def acked_ids(*files: Path) -> list[int]:
 
 
 def check_exactly_once(endpoint: HttpEndpoint, acked: list[int], table: str = "events") -> dict[str, int]:
-    counts = {int(i): int(n) for i, n in query(endpoint, f"SELECT id, count() FROM app.{table} GROUP BY id")}
+    counts = {int(i): int(n) for i, n in endpoint.query(f"SELECT id, count() FROM app.{table} GROUP BY id")}
     missing = [i for i in acked if counts.get(i, 0) == 0]
     duplicated = [i for i, n in counts.items() if n > 1]
     assert not missing, f"{len(missing)} acknowledged rows are missing"
@@ -106,7 +97,7 @@ def check_exactly_once(endpoint: HttpEndpoint, acked: list[int], table: str = "e
 
 
 def truncate(endpoint: HttpEndpoint, table: str = "events") -> None:
-    query(endpoint, f"TRUNCATE TABLE app.{table}")
+    endpoint.query(f"TRUNCATE TABLE app.{table}")
 
 
 def buffer_log(pod: Pod) -> list[dict[str, Any]]:
@@ -274,7 +265,7 @@ def test_grace_period_too_short_for_the_backlog_reports_the_shortfall(
     buffer = next(c for c in pod.containers if c.name == "ingest-buffer")
     summary = next(r for r in reversed(buffer_log(pod)) if r.get("msg", "").startswith("exiting"))
     acked = acked_ids(workdir / "app.acked")
-    landed = int(query(clickhouse, "SELECT count() FROM app.slow")[0][0])
+    landed = int(clickhouse.query("SELECT count() FROM app.slow")[0][0])
     if wal:
         # The log holds what the deadline left: nothing lost, a restart in this pod would send it.
         assert buffer.exit_code == EXIT_KEPT_IN_LOG and not buffer.killed, buffer.log()[-2000:]

@@ -8,7 +8,6 @@ be lost only inside the sync window; the test reports how many were.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -18,7 +17,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -62,18 +60,11 @@ def clickhouse(tmp_path: Path) -> Iterator[HttpEndpoint]:
     record and its part: a batch resent after that is taken for a duplicate of a part that never
     became active — ClickHouse#110429. The README says so.)"""
     endpoint = HttpEndpoint(tmp_path / "clickhouse")
-    query(endpoint, "CREATE DATABASE app")
-    query(endpoint, "CREATE TABLE app.events (id UInt64, s String) ENGINE = MergeTree ORDER BY id "
+    endpoint.query("CREATE DATABASE app")
+    endpoint.query("CREATE TABLE app.events (id UInt64, s String) ENGINE = MergeTree ORDER BY id "
                     "SETTINGS non_replicated_deduplication_window = 10000")
     yield endpoint
     endpoint.stop()
-
-
-def query(endpoint: HttpEndpoint, sql: str) -> list[list[Any]]:
-    req = urllib.request.Request(endpoint.url + "/?default_format=JSONCompact", data=sql.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        body = r.read()
-    return json.loads(body)["data"] if body.strip() else []  # type: ignore[no-any-return]
 
 
 def start(serve: Callable[..., Serve], clickhouse: HttpEndpoint, wal: Path, *flags: str) -> Serve:
@@ -135,8 +126,8 @@ def test_sigkill_under_load_again_and_again_loses_no_durable_row_and_doubles_non
     s.signal(signal.SIGTERM)
     assert s.wait(60) == 0, s.log()[-3000:]
     seconds = time.monotonic() - t0
-    count, unique = (int(x) for x in query(clickhouse, "SELECT count(), uniqExact(id) FROM app.events")[0])
-    landed = {int(r[0]) for r in query(clickhouse, "SELECT id FROM app.events")}
+    count, unique = (int(x) for x in clickhouse.query("SELECT count(), uniqExact(id) FROM app.events")[0])
+    landed = {int(r[0]) for r in clickhouse.query("SELECT id FROM app.events")}
     missing = [i for i in durable if i not in landed]
     lost_buffered = sum(1 for i in buffered if i not in landed)
     print(f"\n{memory} memory, {kills} SIGKILLs in {seconds:.0f}s: {len(durable)} DURABLE rows acked, "
@@ -176,18 +167,18 @@ def test_a_kill_during_replay_then_a_clean_start_lands_every_row_once(
              "--flush-interval", "300ms")
     s = start(*small)
     end = time.monotonic() + 20
-    while int(query(clickhouse, "SELECT count() FROM app.events")[0][0]) == 0:  # the replay has begun to land
+    while int(clickhouse.query("SELECT count() FROM app.events")[0][0]) == 0:  # the replay has begun to land
         assert time.monotonic() < end, "the replay landed nothing"
         time.sleep(0.02)
     s.signal(signal.SIGKILL)  # in the middle of the replay
     s.wait(10)
-    during = int(query(clickhouse, "SELECT count() FROM app.events")[0][0])
+    during = int(clickhouse.query("SELECT count() FROM app.events")[0][0])
     s = start(*small)
     with grpc.insecure_channel(s.target) as channel:
         pb_grpc.IngestServiceStub(channel).Flush(pb.FlushRequest(), timeout=120)
     s.signal(signal.SIGTERM)
     assert s.wait(60) == 0, s.log()[-3000:]
-    count, unique = (int(x) for x in query(clickhouse, "SELECT count(), uniqExact(id) FROM app.events")[0])
+    count, unique = (int(x) for x in clickhouse.query("SELECT count(), uniqExact(id) FROM app.events")[0])
     print(f"\n{acked} DURABLE rows acked; {during} had landed when the replay was killed; now {count}, "
           f"{unique} distinct")
     assert 0 < during < acked, "the kill came in the middle of the replay"
