@@ -3,7 +3,9 @@
 Usage: ``python bench/wal_bench.py [--seconds S] [--quick]``
 
 1. Paced 1-row unary writes, 1,500 requests/s from 4 clients (one client process, the sidecar in
-   another): ack latency p50/p99 for DURABLE, for BUFFERED with the log on, for BUFFERED without it.
+   another): ack latency p50/p99 for DURABLE, for BUFFERED with the log on, for BUFFERED without it,
+   and for ``bench/reference_server.py`` (a server that does nothing but answer): the floor that
+   Python gRPC and this machine set, tail included.
 2. One stream per client (16 clients, pre-serialized messages, as fast as they go): 1-row messages
    DURABLE vs BUFFERED with the log on; 1,000-row messages with the log on vs off. Rows/s until the
    flush barrier returns, and the sidecar's CPU per row read from /proc.
@@ -47,9 +49,11 @@ ACK = {"buffered": 1, "durable": 2}
 
 
 class Sidecar:
-    def __init__(self, data: Path, wal: Path | None, log: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, data: Path, wal: Path | None, log: Path, extra: tuple[str, ...] = (),
+                 reference: bool = False) -> None:
         self.grpc, self.http = free_port(), free_port()
-        cmd = [sys.executable, "-m", "buffer", "serve", "--grpc-listen", f"127.0.0.1:{self.grpc}", "--http-listen",
+        program = [str(ROOT / "bench" / "reference_server.py")] if reference else ["-m", "buffer"]
+        cmd = [sys.executable, *program, "serve", "--grpc-listen", f"127.0.0.1:{self.grpc}", "--http-listen",
                f"127.0.0.1:{self.http}", "--clickhouse-url", f"chdb://{data}", "--database", DB, "--tables", TABLE,
                "--buffer-max-bytes", "256MiB", "--buffer-max-rows", "4000000", "--flush-max-bytes", "64MiB",
                "--flush-interval", "250ms", "--linger", "0s", "--log-level", "warning",
@@ -263,8 +267,8 @@ def main() -> None:
         print("\npaced 1-row unary writes, 1,500/s from 4 clients:")
         base = 0
         for label, ack, logged in (("DURABLE", "durable", True), ("BUFFERED, log on", "buffered", True),
-                                   ("BUFFERED, log off", "buffered", False)):
-            s = Sidecar(data, tmp / f"wal-{base}" if logged else None, log)
+                                   ("BUFFERED, log off", "buffered", False), ("do-nothing server", "buffered", False)):
+            s = Sidecar(data, tmp / f"wal-{base}" if logged else None, log, reference=label == "do-nothing server")
             s.ready()
             try:
                 r = run_client(s, "paced", ack, 1, 4, seconds, 1500, base)

@@ -73,6 +73,18 @@ async def test_buffered_rows_are_synced_within_the_interval_without_anyone_askin
     wal.close()
 
 
+
+async def test_buffered_rows_arriving_a_moment_apart_share_a_wake_up_of_the_writer(tmp_path: Path) -> None:
+    wal = await opened(tmp_path, sync_interval=1.0)
+    for i in range(20):  # 2 ms apart: an idle writer woken by each would write 20 groups
+        wal.append(KEY, row(i), 1, durable=False)
+        await asyncio.sleep(0.002)
+    await wal.sync()
+    groups = list(wal.writer.stats.groups)
+    wal.close()
+    assert sum(groups) == 21 and len(groups) < 15, groups  # 20 requests and the sync
+    assert len(recover(tmp_path).unsettled) == 20
+
 async def test_settled_segments_are_deleted_oldest_first_and_a_missing_one_is_tolerated(tmp_path: Path) -> None:
     wal = await opened(tmp_path, segment_bytes=4096)
     lsns = []
