@@ -22,9 +22,9 @@ RUN python3 -m venv /opt/ingest-buffer
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY buffer ./buffer
-# Not `.[chdb]`: the production image talks to a ClickHouse server and must stay small. pip and
+# The server, not `.[chdb]`: the production image talks to a ClickHouse server and must stay small. pip and
 # setuptools are only needed to install, so they do not go into the final stage.
-RUN /opt/ingest-buffer/bin/pip install --no-cache-dir . \
+RUN /opt/ingest-buffer/bin/pip install --no-cache-dir '.[server]' \
     && /opt/ingest-buffer/bin/pip uninstall --yes pip setuptools \
     && /opt/ingest-buffer/bin/ingest-buffer --version
 

@@ -316,9 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What only the server needs (`pip install 'ingest-buffer[server]'`): the client alone has grpcio,
+# protobuf and orjson.
+SERVER_MODULES = frozenset({"clickhouse_connect", "opentelemetry", "prometheus_client", "grpc_health",
+                            "grpc_reflection", "grpc_status", "lz4", "zstandard", "crc32c"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+            raise
+        print(f"ingest-buffer: this command needs the server's dependencies ({exc.name} is missing): "
+              "pip install 'ingest-buffer[server]'", file=sys.stderr)
+        return 2
     return code
 
 

@@ -100,6 +100,7 @@ class Ledger:
     def __init__(self) -> None:
         # Requests as they arrive (framing valid or not) and those refused, by refusal reason.
         self.received_requests = 0
+        self.duplicate_requests = 0  # keyed Writes resent after the first was accepted: answered, not added
         self.received_rows = 0  # rows in requests whose framing was valid
         self.received_bytes = 0
         self.refused: dict[str, list[int]] = {}  # reason label → [requests, bytes]

@@ -34,6 +34,8 @@ def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecyc
               _one(lambda: ledger.received_rows), unit="{row}")
     t.observe("ingest_buffer_received_requests", "write requests and stream messages received",
               _one(lambda: ledger.received_requests))
+    t.observe("ingest_buffer_duplicate_requests", "keyed writes resent after the first was accepted: answered with "
+              "the first one's reply, their rows not added again", _one(lambda: ledger.duplicate_requests))
     t.observe("ingest_buffer_received", "payload bytes received", _one(lambda: ledger.received_bytes), unit="By")
     t.observe("ingest_buffer_accepted_rows", "rows accepted into the buffer", _one(lambda: ledger.accepted_rows),
               unit="{row}")

@@ -51,6 +51,10 @@ STATUS: dict[type[Refusal], grpc.StatusCode] = {
 # up and writes are refused as if full), and how often a write waiting for room looks again.
 BACKLOG_BYTES = 32 << 20
 ROOM_POLL = 0.05
+# Writes keyed by (producer, sequence) remembered for resends: the newest this many (plus any still
+# being handled). A client resends within seconds; at 1,000 keyed batches/s this covers 16 s.
+REMEMBERED_WRITES = 16_384
+MAX_PRODUCER = 64
 _COMMITTED = pb.ACK_LEVEL_COMMITTED
 _DURABLE = pb.ACK_LEVEL_DURABLE
 # What _accept hands back: rows, bytes, the entry a COMMITTED ack waits on, the fsync a DURABLE one waits
@@ -97,6 +101,8 @@ class IngestService:
         self.block_timeout = block_timeout
         self.on_barrier = on_barrier  # called when a Flush starts, to wake the flusher
         self.dead_letters = dead_letters  # where refused rows go, for error messages
+        # Keyed Writes, oldest first: each one's handling, whose outcome a resend of it gets.
+        self._keyed: dict[tuple[str, int], asyncio.Task[pb.WriteResponse]] = {}
 
     # ----- shared path ----------------------------------------------------------------------
 
@@ -289,17 +295,59 @@ class IngestService:
         try:
             request = _parse(pb.WriteRequest, raw)
             ack = _ack_level(request.ack_level, self.wal is not None)
-            rows, size, waiter, synced, entry = await self._accept(request, ack, context)
-            if synced is not None and entry is not None and not await self._durable([(synced, entry)]):
-                raise self._unsynced()
-            if waiter is not None:
-                await self._committed([waiter])
-            return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
+            if request.producer:
+                return await self._keyed_write(request, ack, context)
+            return await self._write(request, ack, context)
         except Refusal as refusal:
             if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
                 self.ledger.refuse(refusal.reason, len(raw))
             await self._refuse(context, refusal)
             return pb.WriteResponse()
+
+    async def _write(self, request: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+        rows, size, waiter, synced, entry = await self._accept(request, ack, context)
+        if synced is not None and entry is not None and not await self._durable([(synced, entry)]):
+            raise self._unsynced()
+        if waiter is not None:
+            await self._committed([waiter])
+        return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
+
+    async def _keyed_write(self, request: Any, ack: pb.AckLevel,
+                           context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+        """A Write the client may resend: the same (producer, sequence) again gets the first one's
+        reply and adds nothing. The first is handled in a task of its own, so a client that goes
+        away mid-call (the reason it resends) cannot cut it short between taking rows and saying so."""
+        producer: str = request.producer
+        if len(producer) > MAX_PRODUCER:
+            raise InvalidRequest(f"producer is {len(producer)} characters long; at most {MAX_PRODUCER} (an id such "
+                                 "as 32 hex digits)", "bad_producer")
+        key = (producer, request.sequence)
+        while (first := self._keyed.get(key)) is not None:
+            try:
+                reply = await asyncio.shield(first)
+            except Refusal as refusal:
+                if isinstance(refusal, CommitFailed):  # its rows were taken: the resend hears the same
+                    raise CommitFailed(refusal.message, refusal.reason) from None
+                continue  # refused, so it took nothing (and left the window): this one is handled afresh
+            self.ledger.duplicate_requests += 1
+            return pb.WriteResponse(rows=reply.rows, bytes=reply.bytes, ack_level=reply.ack_level, duplicate=True)
+        task = asyncio.ensure_future(self._write(request, ack, context))
+        self._keyed[key] = task
+        task.add_done_callback(functools.partial(self._keyed_done, key))
+        return await asyncio.shield(task)
+
+    def _keyed_done(self, key: tuple[str, int], task: asyncio.Task[pb.WriteResponse]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled() or (exc is not None and not isinstance(exc, CommitFailed)):
+            if self._keyed.get(key) is task:  # nothing was taken: a resend is a new request
+                del self._keyed[key]
+            return
+        keyed = self._keyed
+        while len(keyed) > REMEMBERED_WRITES:
+            oldest = next(iter(keyed))
+            if not keyed[oldest].done():
+                break
+            del keyed[oldest]
 
     async def WriteStream(self, request_iterator: AsyncIterator[bytes],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:

@@ -177,6 +177,17 @@ class Running:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.app.admin.port}"
 
+    @property
+    def target(self) -> str:
+        return str(self.app.grpc.bound)
+
+    async def flush(self) -> None:
+        """The Flush barrier: every row the buffer holds reached ClickHouse (or failed)."""
+        from buffer.api import ingest_pb2 as pb
+        from buffer.api import ingest_pb2_grpc as pb_grpc
+
+        await pb_grpc.IngestServiceStub(self.channel).Flush(pb.FlushRequest())
+
 
 @pytest.fixture
 async def start_buffer(clickhouse: ClickHouse, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:

@@ -34,28 +34,34 @@ ACK_LEVEL_DURABLE: AckLevel
 ACK_LEVEL_COMMITTED: AckLevel
 
 class WriteRequest(_message.Message):
-    __slots__ = ("table", "format", "rows", "row_count", "ack_level")
+    __slots__ = ("table", "format", "rows", "row_count", "ack_level", "producer", "sequence")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
     ACK_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     table: str
     format: Format
     rows: bytes
     row_count: int
     ack_level: AckLevel
-    def __init__(self, table: _Optional[str] = ..., format: _Optional[_Union[Format, str]] = ..., rows: _Optional[bytes] = ..., row_count: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ...) -> None: ...
+    producer: str
+    sequence: int
+    def __init__(self, table: _Optional[str] = ..., format: _Optional[_Union[Format, str]] = ..., rows: _Optional[bytes] = ..., row_count: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ..., producer: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class WriteResponse(_message.Message):
-    __slots__ = ("rows", "bytes", "ack_level")
+    __slots__ = ("rows", "bytes", "ack_level", "duplicate")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ACK_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     rows: int
     bytes: int
     ack_level: AckLevel
-    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, rows: _Optional[int] = ..., bytes: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class WriteStreamRequest(_message.Message):
     __slots__ = ("table", "format", "rows", "row_count", "ack_level")

@@ -1,0 +1,501 @@
+"""Send rows to ingest-buffer from an application: batched in the process, acknowledged in batches.
+
+The five lines most applications need::
+
+    from buffer.client import Client
+
+    client = Client("127.0.0.1:50051")            # or "unix:/run/ingest/grpc.sock"
+    client.write("events", {"id": 1, "kind": "click"})   # returns at once
+    ...
+    client.close()                                # sends the rest, waits for the acks
+
+``write`` never does I/O on the caller's thread. It encodes a ``dict`` as one JSONEachRow line
+(orjson), appends it to the open batch of its table and format, and returns that batch's
+:class:`concurrent.futures.Future`: many rows share one future, which resolves with a
+:class:`Ack` once the buffer acknowledged the batch at the client's ack level, or fails with
+:class:`WriteFailed` (the gRPC status and the buffer's message). ``bytes`` holding complete rows in
+any format the buffer takes are checked for framing at once (a ``ValueError`` names what is wrong)
+and batched the same way.
+
+A batch is sent when it reaches ``batch_rows`` or ``batch_bytes``, or ``linger`` seconds after its
+first row, by one background thread, as unary ``Write`` calls (at most ``max_in_flight`` at a
+time). Each batch carries the client's ``producer`` id and a sequence number, so a resend is
+answered by the buffer with the first reply and never lands twice. Resent, with the same key:
+
+* ``RESOURCE_EXHAUSTED`` (the buffer is full) — after the ``retry-after-ms`` hint; nothing is sent
+  meanwhile;
+* ``UNAVAILABLE`` (a draining replica, a restarting sidecar, a cut connection), ``DEADLINE_EXCEEDED``
+  and ``CANCELLED`` — on a new connection, after a growing pause.
+
+Each batch is retried for at most ``retry_for`` seconds; then, or at once for any other status
+(a missing table, malformed rows, ``ABORTED`` for a COMMITTED batch that did not commit), its future
+fails. Nothing is dropped silently: :meth:`Client.stats` counts rows written, acknowledged and
+failed, and what is held.
+
+The client holds at most ``max_rows`` rows and ``max_bytes`` bytes not yet acknowledged. When a
+write would go past them, ``when_full="block"`` (the default) waits up to ``block_timeout`` seconds
+for room, then raises :class:`ClientFull`; ``when_full="raise"`` raises at once.
+
+``flush(timeout=None)`` sends what is open and waits until everything written before it was
+acknowledged; ``flush(committed=True)`` then also waits for the buffer's Flush barrier (every row
+the buffer held reached ClickHouse, or failed). ``close()`` flushes and stops. Both clients are
+context managers. Nothing is flushed from ``atexit`` or a finalizer: call ``close`` (or leave the
+``with`` block) before the process exits, or what is held is lost with it.
+
+:class:`AsyncClient` takes the same options for asyncio applications: ``await client.write(...)``
+returns an :class:`asyncio.Future` (it waits only for room in the client, like aiokafka's
+``send``), and ``flush``/``close`` are coroutines. Its batches are sent by the same kind of thread,
+never by the event loop.
+
+The resend key is remembered by the buffer process in memory (its newest 16,384 keyed requests): a
+resend reaches the same buffer when it runs beside the application (the sidecar shape). Through a
+gateway Service a resend after a cut connection may reach another replica, and a buffer killed
+between taking a batch and answering (SIGKILL, OOM) forgets the key: in those two cases a batch can
+land twice.
+
+Installing only the client: ``pip install ingest-buffer`` brings grpcio, protobuf and orjson; the
+server's dependencies come with ``pip install 'ingest-buffer[server]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import heapq
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import orjson
+
+from buffer.api import FORMATS, RETRY_AFTER_KEY, SERVICE_NAME
+from buffer.api import ingest_pb2 as pb
+from buffer.framing import check_request
+from buffer.refusals import InvalidRequest
+
+__all__ = ["Ack", "AsyncClient", "Client", "ClientClosed", "ClientFull", "WriteFailed"]
+
+log = logging.getLogger(__name__)
+
+ACK_LEVELS = {"buffered": pb.ACK_LEVEL_BUFFERED, "durable": pb.ACK_LEVEL_DURABLE,
+              "committed": pb.ACK_LEVEL_COMMITTED}
+# Format names as ClickHouse spells them (and the enum's), for write(..., format=...).
+FORMAT_BY_NAME: dict[str, int] = {**{name.lower(): f for f, (name, _) in FORMATS.items()},
+                                  **{pb.Format.Name(f).lower(): f for f in FORMATS}}
+RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+MAX_REQUEST_BYTES = 16 << 20  # the buffer's default --max-request-bytes
+_DUMPS = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+_JSON: int = pb.FORMAT_JSON_EACH_ROW
+
+
+class ClientFull(Exception):
+    """The client holds ``max_rows`` rows or ``max_bytes`` bytes not yet acknowledged."""
+
+
+class _NoRoom(Exception):
+    """The client is full (a probe that neither waits nor counts)."""
+
+
+class ClientClosed(Exception):
+    """The client was closed: it takes no more rows (or a batch was still unacknowledged at close)."""
+
+
+class WriteFailed(Exception):
+    """A batch the buffer did not acknowledge: ``code`` is the gRPC status, ``rows`` the rows lost with it."""
+
+    def __init__(self, code: grpc.StatusCode | None, message: str, rows: int) -> None:
+        super().__init__(f"{code.name if code else 'CLOSED'}: {message}" if code else message)
+        self.code = code
+        self.details = message
+        self.rows = rows
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What the buffer said about a batch: its rows and bytes, the level they reached, and whether
+    the reply was to a resend the buffer had already taken."""
+
+    rows: int
+    bytes: int
+    ack_level: str
+    duplicate: bool
+
+
+class _Batch:
+    __slots__ = ("afuture", "attempts", "created", "deadline", "format", "future", "nbytes", "nrows", "parts",
+                 "request", "table")
+
+    def __init__(self, table: str, fmt: int, now: float) -> None:
+        self.table = table
+        self.format = fmt
+        self.parts: list[bytes] = []
+        self.nbytes = 0
+        self.nrows = 0
+        self.created = now
+        self.future: concurrent.futures.Future[Ack] = concurrent.futures.Future()
+        self.afuture: asyncio.Future[Ack] | None = None
+        self.request: bytes | None = None
+        self.attempts = 0
+        self.deadline = 0.0  # when resending stops (set at the first send)
+
+
+class Client:
+    """Batches rows in the application and sends them to an ingest-buffer (see the module's docs)."""
+
+    def __init__(self, target: str, *, ack_level: str = "buffered", linger: float = 0.005,
+                 batch_rows: int = 10_000, batch_bytes: int = 1 << 20, max_rows: int = 1_000_000,
+                 max_bytes: int = 64 << 20, when_full: str = "block", block_timeout: float = 10.0,
+                 max_in_flight: int = 4, retry_for: float = 60.0, call_timeout: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 channel_options: tuple[tuple[str, Any], ...] = ()) -> None:
+        if ack_level.lower() not in ACK_LEVELS:
+            raise ValueError(f"ack_level {ack_level!r} is unknown: use one of {', '.join(ACK_LEVELS)}")
+        if when_full not in ("block", "raise"):
+            raise ValueError(f"when_full {when_full!r} is unknown: use 'block' or 'raise'")
+        for name, value in (("batch_rows", batch_rows), ("batch_bytes", batch_bytes), ("max_rows", max_rows),
+                            ("max_bytes", max_bytes), ("max_in_flight", max_in_flight)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        if linger < 0 or block_timeout < 0 or retry_for < 0 or call_timeout <= 0:
+            raise ValueError("linger, block_timeout and retry_for must be >= 0 and call_timeout > 0")
+        self.target = target
+        self.ack_level = ACK_LEVELS[ack_level.lower()]
+        self.linger = linger
+        self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.block = when_full == "block"
+        self.block_timeout = block_timeout
+        self.max_in_flight = max_in_flight
+        self.retry_for = retry_for
+        self.call_timeout = call_timeout
+        self.producer = uuid.uuid4().hex  # the resend key's first half; the sequence is the second
+        self._credentials = credentials
+        self._options = (("grpc.max_send_message_length", 64 << 20), *channel_options)
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the sender waits on it
+        self._room = threading.Condition(self._lock)  # writers waiting for room wait on it
+        self._open: dict[tuple[str, int], _Batch] = {}
+        self._ready: collections.deque[_Batch] = collections.deque()  # sealed, to send now
+        self._later: list[tuple[float, int, _Batch]] = []  # to resend at a time (a heap)
+        self._unresolved: dict[int, _Batch] = {}  # every batch not yet acknowledged or failed, by id
+        self._in_flight = 0
+        self._paused_until = 0.0
+        self._sequence = 0
+        self._closed = False
+        self._stop = False
+        self._reconnect = False
+        self.held_rows = 0
+        self.held_bytes = 0
+        self._written_rows = 0
+        self._counts = collections.Counter[str]()
+        self._channel = self._connect()
+        self._thread = threading.Thread(target=self._run, name="ingest-buffer-client", daemon=True)
+        self._thread.start()
+
+    # ----- the application's side ----------------------------------------------------------
+
+    def write(self, table: str, row: dict[str, Any] | bytes, *, format: str | int | None = None,
+              rows: int | None = None) -> concurrent.futures.Future[Ack]:
+        """Queues one row (a ``dict``) or complete rows (``bytes`` in ``format``; ``rows`` counts them
+        for RowBinary and Native). Returns the future of the batch that holds them."""
+        if row.__class__ is dict:
+            data = _DUMPS(row, option=_NEWLINE)
+            fmt, n = _JSON, 1
+        else:
+            data, fmt, n = self._checked(table, row, format, rows)
+        return self._append(table, fmt, data, n, self.block).future
+
+    def _checked(self, table: str, row: Any, format: str | int | None, rows: int | None) -> tuple[bytes, int, int]:
+        if isinstance(row, dict):  # a dict subclass
+            return _DUMPS(row, option=_NEWLINE), _JSON, 1
+        if not isinstance(row, bytes | bytearray | memoryview):
+            raise TypeError(f"row must be a dict or bytes, not {type(row).__name__}")
+        if format is None:
+            fmt = _JSON
+        elif isinstance(format, int):
+            fmt = format
+        else:
+            key = format.lower().replace("format_", "", 1) if format.lower().startswith("format_") else format.lower()
+            fmt = FORMAT_BY_NAME.get(key) or FORMAT_BY_NAME.get(f"format_{key}") or -1
+        data = bytes(row)
+        try:
+            _, n, _ = check_request(table, fmt, data, rows or 0, MAX_REQUEST_BYTES, 1 << 62)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return data, fmt, n
+
+    def _append(self, table: str, fmt: int, data: bytes, n: int, block: bool | None) -> _Batch:
+        """Adds rows to their open batch; ``block`` None only probes for room (raises _NoRoom)."""
+        size = len(data)
+        with self._lock:
+            if self._closed or self.held_bytes + size > self.max_bytes or self.held_rows + n > self.max_rows:
+                self._wait_room(size, n, block)
+            batch = self._open.get((table, fmt))
+            if batch is None:
+                batch = self._open[(table, fmt)] = _Batch(table, fmt, time.monotonic())
+                self._unresolved[id(batch)] = batch
+                self._work.notify()  # the sender times its linger
+            batch.parts.append(data)
+            batch.nbytes += size
+            batch.nrows += n
+            self.held_bytes += size
+            self.held_rows += n
+            self._written_rows += n
+            if batch.nrows >= self.batch_rows or batch.nbytes >= self.batch_bytes:
+                self._seal(batch)
+            return batch
+
+    def _wait_room(self, size: int, n: int, block: bool | None) -> None:
+        """Under the lock: returns once the row fits, or raises."""
+        end = time.monotonic() + self.block_timeout
+        while not self._closed:
+            if (self.held_bytes + size <= self.max_bytes and self.held_rows + n <= self.max_rows) or (
+                    self.held_rows == 0):  # one write larger than the bounds goes alone
+                return
+            left = end - time.monotonic()
+            if block is None:
+                raise _NoRoom
+            if not block or left <= 0:
+                self._counts["refused_rows"] += n
+                raise ClientFull(f"the client holds {self.held_rows:,} rows and {self.held_bytes:,} bytes not yet "
+                                 f"acknowledged (max_rows {self.max_rows:,}, max_bytes {self.max_bytes:,})"
+                                 + (f" and none left within block_timeout {self.block_timeout:g}s" if block else "")
+                                 + ": the buffer is not keeping up, or is unreachable")
+            self._room.wait(left)
+        raise ClientClosed("the client is closed")
+
+    def flush(self, timeout: float | None = None, *, committed: bool = False) -> bool:
+        """Sends what is open; True once everything written before this call was acknowledged (and,
+        with ``committed``, the buffer's Flush barrier returned with no row failed), False if a batch
+        failed or ``timeout`` passed first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            for batch in list(self._open.values()):
+                self._seal(batch)
+            futures = [b.future for b in self._unresolved.values()]
+        done, not_done = concurrent.futures.wait(futures, timeout)
+        ok = not not_done and all(f.exception() is None for f in done)
+        if ok and committed:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                reply = self._channel.unary_unary(f"/{SERVICE_NAME}/Flush", pb.FlushRequest.SerializeToString,
+                                                  pb.FlushResponse.FromString)(pb.FlushRequest(), timeout=left)
+            except grpc.RpcError as exc:
+                log.warning("the buffer's Flush failed: %s: %s", exc.code().name, exc.details())
+                return False
+            ok = reply.rows_failed == 0
+        return ok
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flushes (up to ``timeout``), then stops: a batch still unacknowledged fails with
+        :class:`ClientClosed`, counted in ``failed_rows``. True when everything was acknowledged."""
+        with self._lock:
+            if self._closed and self._stop:
+                return not self._unresolved
+            self._closed = True
+            self._room.notify_all()
+        ok = self.flush(timeout)
+        with self._lock:
+            self._stop = True
+            left = list(self._unresolved.values())
+            self._open.clear()
+            self._ready.clear()
+            self._later.clear()
+            self._work.notify()
+        for batch in left:
+            self._resolve(batch, error=WriteFailed(None, "the client was closed before the buffer acknowledged "
+                                                   "this batch (if it was on its way, it may still land)", batch.nrows))
+        self._thread.join(5)
+        self._channel.close()
+        return ok
+
+    def stats(self) -> dict[str, int]:
+        """The client's counters: rows written, acknowledged, failed (their batch failed, or the client
+        closed first), refused (``ClientFull``), and what it holds now."""
+        with self._lock:
+            return {"written_rows": self._written_rows, "acknowledged_rows": self._counts["acknowledged_rows"],
+                    "failed_rows": self._counts["failed_rows"],
+                    "refused_rows": self._counts["refused_rows"], "held_rows": self.held_rows,
+                    "held_bytes": self.held_bytes, "batches_sent": self._counts["batches_sent"],
+                    "resends": self._counts["resends"], "duplicates": self._counts["duplicates"]}
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- the sender thread ---------------------------------------------------------------
+
+    def _seal(self, batch: _Batch) -> None:
+        """Under the lock: the batch takes no more rows and goes to the sender."""
+        del self._open[(batch.table, batch.format)]
+        self._ready.append(batch)
+        self._work.notify()
+
+    def _connect(self) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options=self._options)
+        return grpc.insecure_channel(self.target, options=self._options)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._next()
+                if batch is None:
+                    return
+                reconnect, self._reconnect = self._reconnect, False
+            if reconnect:  # a new connection: a draining replica's clients go elsewhere
+                old, self._channel = self._channel, self._connect()
+                old.close()
+            try:
+                self._send(batch)
+            except Exception as exc:  # never a silent death: the batch fails, the thread goes on
+                log.exception("sending a batch failed")
+                with self._lock:
+                    self._in_flight -= 1
+                self._resolve(batch, error=WriteFailed(None, f"the client could not send the batch: {exc!r}",
+                                                       batch.nrows))
+
+    def _next(self) -> _Batch | None:
+        """Under the lock: waits for a batch to send (sealing those past their linger)."""
+        while True:
+            now = time.monotonic()
+            for batch in [b for b in self._open.values() if now - b.created >= self.linger]:
+                self._seal(batch)
+            while self._later and self._later[0][0] <= now:
+                self._ready.append(heapq.heappop(self._later)[2])
+            if self._ready and self._in_flight < self.max_in_flight and now >= self._paused_until:
+                self._in_flight += 1
+                return self._ready.popleft()
+            if self._stop:
+                return None
+            wake = [b.created + self.linger for b in self._open.values()]
+            if self._later:
+                wake.append(self._later[0][0])
+            if self._ready and self._paused_until > now:
+                wake.append(self._paused_until)
+            self._work.wait(max(0.0, min(wake) - now) if wake else None)
+
+    def _send(self, batch: _Batch) -> None:
+        if batch.request is None:
+            self._sequence += 1
+            lines = FORMATS[batch.format][1]
+            batch.request = pb.WriteRequest(
+                table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
+                row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
+                producer=self.producer, sequence=self._sequence).SerializeToString()
+            batch.parts = []
+            batch.deadline = time.monotonic() + self.retry_for
+        batch.attempts += 1
+        self._counts["batches_sent" if batch.attempts == 1 else "resends"] += 1
+        call = self._channel.unary_unary(f"/{SERVICE_NAME}/Write", None, pb.WriteResponse.FromString)
+        future = call.future(batch.request, timeout=self.call_timeout, wait_for_ready=True)
+        future.add_done_callback(functools.partial(self._done, batch))
+
+    def _done(self, batch: _Batch, call: Any) -> None:
+        """On gRPC's thread: the outcome of one attempt."""
+        try:
+            reply = call.result()
+        except grpc.RpcError as exc:
+            self._failed_attempt(batch, exc)
+            return
+        except Exception as exc:  # a reply that does not parse, say
+            with self._lock:
+                self._in_flight -= 1
+                self._work.notify()
+            self._resolve(batch, error=WriteFailed(None, f"unexpected reply: {exc!r}", batch.nrows))
+            return
+        with self._lock:
+            self._in_flight -= 1
+            self._work.notify()
+            if reply.duplicate:
+                self._counts["duplicates"] += 1
+        self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):].lower(),
+                                 reply.duplicate))
+
+    def _failed_attempt(self, batch: _Batch, exc: grpc.RpcError) -> None:
+        code = exc.code()
+        message = exc.details() or ""
+        now = time.monotonic()
+        with self._lock:
+            self._in_flight -= 1
+            self._work.notify()
+            again = now < batch.deadline and not self._stop
+            if again and code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+                wait = int(hint) / 1000 if hint else min(2.0, 0.05 * 2 ** batch.attempts)
+                self._paused_until = max(self._paused_until, now + wait)  # the buffer is full: nothing meanwhile
+                self._ready.appendleft(batch)
+                return
+            if again and code in RESEND:
+                wait = min(2.0, 0.02 * 2 ** batch.attempts)
+                heapq.heappush(self._later, (now + wait, id(batch), batch))
+                self._reconnect = self._reconnect or code is grpc.StatusCode.UNAVAILABLE
+                return
+        log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
+        self._resolve(batch, error=WriteFailed(code, message, batch.nrows))
+
+    def _resolve(self, batch: _Batch, ack: Ack | None = None, error: WriteFailed | None = None) -> None:
+        with self._lock:
+            if self._unresolved.pop(id(batch), None) is None:
+                return  # resolved already (close() failed it while its call was out)
+            self.held_rows -= batch.nrows
+            self.held_bytes -= batch.nbytes
+            self._counts["acknowledged_rows" if error is None else "failed_rows"] += batch.nrows
+            self._room.notify_all()
+        if error is None:
+            batch.future.set_result(ack)  # type: ignore[arg-type]
+        else:
+            batch.future.set_exception(error)
+
+
+class AsyncClient:
+    """The same client for asyncio applications: ``await write(...)`` returns an asyncio future."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        self._client = Client(target, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def write(self, table: str, row: dict[str, Any] | bytes, *, format: str | int | None = None,
+                    rows: int | None = None) -> asyncio.Future[Ack]:
+        """Queues the row(s); waits only while the client is full (``when_full="block"``). Returns
+        the future of the batch holding them."""
+        client = self._client
+        if row.__class__ is dict:
+            data, fmt, n = _DUMPS(row, option=_NEWLINE), _JSON, 1
+        else:
+            data, fmt, n = client._checked(table, row, format, rows)
+        try:
+            batch = client._append(table, fmt, data, n, None)
+        except _NoRoom:  # wait for room in a thread, not on the loop (or raise at once, as told)
+            batch = await asyncio.to_thread(client._append, table, fmt, data, n, client.block)
+        if batch.afuture is None:
+            batch.afuture = asyncio.wrap_future(batch.future)
+        return batch.afuture
+
+    async def flush(self, timeout: float | None = None, *, committed: bool = False) -> bool:
+        """See :meth:`Client.flush`."""
+        return await asyncio.to_thread(self._client.flush, timeout, committed=committed)
+
+    async def close(self, timeout: float | None = None) -> bool:
+        """See :meth:`Client.close`."""
+        return await asyncio.to_thread(self._client.close, timeout)
+
+    def stats(self) -> dict[str, int]:
+        return self._client.stats()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
