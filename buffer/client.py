@@ -18,7 +18,7 @@ any format the buffer takes are checked for framing at once (a ``ValueError`` na
 and batched the same way.
 
 A batch is sent when it reaches ``batch_rows`` or ``batch_bytes``, or ``linger`` seconds after its
-first row, by one background thread, as unary ``Write`` calls (at most ``max_in_flight`` at a
+first row, as unary ``Write`` calls by ``max_in_flight`` background threads (one call each at a
 time). Each batch carries the client's ``producer`` id and a sequence number, so a resend is
 answered by the buffer with the first reply and never lands twice. Resent, with the same key:
 
@@ -62,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import functools
 import heapq
 import logging
 import threading
@@ -130,7 +129,7 @@ class Ack:
 
 class _Batch:
     __slots__ = ("afuture", "attempts", "created", "deadline", "format", "future", "nbytes", "nrows", "parts",
-                 "request", "table")
+                 "request", "reserved_bytes", "reserved_rows", "sequence", "table")
 
     def __init__(self, table: str, fmt: int, now: float) -> None:
         self.table = table
@@ -138,11 +137,14 @@ class _Batch:
         self.parts: list[bytes] = []
         self.nbytes = 0
         self.nrows = 0
+        self.reserved_rows = 0  # room taken in the client's bounds: a whole batch while open, then its size
+        self.reserved_bytes = 0
         self.created = now
         self.future: concurrent.futures.Future[Ack] = concurrent.futures.Future()
         self.afuture: asyncio.Future[Ack] | None = None
         self.request: bytes | None = None
         self.attempts = 0
+        self.sequence = 0  # the resend key's second half, set when first taken to send
         self.deadline = 0.0  # when resending stops (set at the first send)
 
 
@@ -168,8 +170,8 @@ class Client:
         self.target = target
         self.ack_level = ACK_LEVELS[ack_level.lower()]
         self.linger = linger
-        self.batch_rows = batch_rows
-        self.batch_bytes = batch_bytes
+        self.batch_rows = min(batch_rows, max_rows)
+        self.batch_bytes = min(batch_bytes, max_bytes)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.block = when_full == "block"
@@ -179,7 +181,10 @@ class Client:
         self.call_timeout = call_timeout
         self.producer = uuid.uuid4().hex  # the resend key's first half; the sequence is the second
         self._credentials = credentials
-        self._options = (("grpc.max_send_message_length", 64 << 20), *channel_options)
+        # A sidecar restarts in seconds: reconnect within 2 s, not gRPC's default of up to 2 minutes.
+        self._options = (("grpc.max_send_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
+                         ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000),
+                         *channel_options)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the sender waits on it
         self._room = threading.Condition(self._lock)  # writers waiting for room wait on it
@@ -187,19 +192,24 @@ class Client:
         self._ready: collections.deque[_Batch] = collections.deque()  # sealed, to send now
         self._later: list[tuple[float, int, _Batch]] = []  # to resend at a time (a heap)
         self._unresolved: dict[int, _Batch] = {}  # every batch not yet acknowledged or failed, by id
-        self._in_flight = 0
+        self._in_flight = 0  # batches the sender threads have out
         self._paused_until = 0.0
         self._sequence = 0
         self._closed = False
         self._stop = False
         self._reconnect = False
-        self.held_rows = 0
-        self.held_bytes = 0
-        self._written_rows = 0
+        # Room taken: a reservation for each open batch (a whole batch's worth, so a row costs no
+        # bound check), the real size of each batch sealed and not yet acknowledged.
+        self._reserved_rows = 0
+        self._reserved_bytes = 0
         self._counts = collections.Counter[str]()
         self._channel = self._connect()
-        self._thread = threading.Thread(target=self._run, name="ingest-buffer-client", daemon=True)
-        self._thread.start()
+        self._call = self._write_method(self._channel)
+        self._users = collections.Counter[grpc.Channel]()  # calls out on each channel
+        self._threads = [threading.Thread(target=self._run, name=f"ingest-buffer-client-{k}", daemon=True)
+                         for k in range(max_in_flight)]
+        for thread in self._threads:
+            thread.start()
 
     # ----- the application's side ----------------------------------------------------------
 
@@ -207,12 +217,21 @@ class Client:
               rows: int | None = None) -> concurrent.futures.Future[Ack]:
         """Queues one row (a ``dict``) or complete rows (``bytes`` in ``format``; ``rows`` counts them
         for RowBinary and Native). Returns the future of the batch that holds them."""
-        if row.__class__ is dict:
-            data = _DUMPS(row, option=_NEWLINE)
-            fmt, n = _JSON, 1
-        else:
+        if row.__class__ is not dict:
             data, fmt, n = self._checked(table, row, format, rows)
-        return self._append(table, fmt, data, n, self.block).future
+            return self._append(table, fmt, data, n, self.block).future
+        # The common case, _append inlined: the cost of this path is the client's cost per row.
+        data = _DUMPS(row, option=_NEWLINE)
+        with self._lock:
+            batch = self._open.get((table, _JSON))
+            if batch is None:
+                batch = self._open_batch(table, _JSON, len(data), 1, self.block)
+            batch.parts.append(data)
+            batch.nrows += 1
+            batch.nbytes += len(data)
+            if batch.nrows >= self.batch_rows or batch.nbytes >= self.batch_bytes:
+                self._seal(batch)
+            return batch.future
 
     def _checked(self, table: str, row: Any, format: str | int | None, rows: int | None) -> tuple[bytes, int, int]:
         if isinstance(row, dict):  # a dict subclass
@@ -237,41 +256,55 @@ class Client:
         """Adds rows to their open batch; ``block`` None only probes for room (raises _NoRoom)."""
         size = len(data)
         with self._lock:
-            if self._closed or self.held_bytes + size > self.max_bytes or self.held_rows + n > self.max_rows:
-                self._wait_room(size, n, block)
             batch = self._open.get((table, fmt))
-            if batch is None:
-                batch = self._open[(table, fmt)] = _Batch(table, fmt, time.monotonic())
-                self._unresolved[id(batch)] = batch
-                self._work.notify()  # the sender times its linger
+            if batch is None or batch.nrows + n > batch.reserved_rows or batch.nbytes + size > batch.reserved_bytes:
+                if batch is not None:  # these rows would go past its reservation: the next batch takes them
+                    self._seal(batch)
+                batch = self._open_batch(table, fmt, size, n, block)
             batch.parts.append(data)
-            batch.nbytes += size
             batch.nrows += n
-            self.held_bytes += size
-            self.held_rows += n
-            self._written_rows += n
+            batch.nbytes += size
             if batch.nrows >= self.batch_rows or batch.nbytes >= self.batch_bytes:
                 self._seal(batch)
             return batch
 
-    def _wait_room(self, size: int, n: int, block: bool | None) -> None:
-        """Under the lock: returns once the row fits, or raises."""
+    def _open_batch(self, table: str, fmt: int, size: int, n: int, block: bool | None) -> _Batch:
+        """Under the lock: a new open batch, once there is room to reserve for it (or raises)."""
+        rows = max(n, self.batch_rows)
+        nbytes = max(size, self.batch_bytes)
+        if self._closed or self._reserved_rows + rows > self.max_rows or self._reserved_bytes + nbytes > self.max_bytes:
+            self._wait_room(rows, nbytes, n, block)
+        batch = self._open[(table, fmt)] = _Batch(table, fmt, time.monotonic())
+        batch.reserved_rows, batch.reserved_bytes = rows, nbytes
+        self._reserved_rows += rows
+        self._reserved_bytes += nbytes
+        self._unresolved[id(batch)] = batch
+        self._work.notify()  # the sender times its linger
+        return batch
+
+    def _wait_room(self, rows: int, nbytes: int, n: int, block: bool | None) -> None:
+        """Under the lock: returns once a batch of ``rows`` and ``nbytes`` fits, or raises."""
         end = time.monotonic() + self.block_timeout
         while not self._closed:
-            if (self.held_bytes + size <= self.max_bytes and self.held_rows + n <= self.max_rows) or (
-                    self.held_rows == 0):  # one write larger than the bounds goes alone
+            if (self._reserved_rows + rows <= self.max_rows and self._reserved_bytes + nbytes <= self.max_bytes) or (
+                    self._reserved_rows == 0):  # one write larger than the bounds goes alone
                 return
             left = end - time.monotonic()
             if block is None:
                 raise _NoRoom
             if not block or left <= 0:
                 self._counts["refused_rows"] += n
-                raise ClientFull(f"the client holds {self.held_rows:,} rows and {self.held_bytes:,} bytes not yet "
-                                 f"acknowledged (max_rows {self.max_rows:,}, max_bytes {self.max_bytes:,})"
+                held_rows, held_bytes = self._held()
+                raise ClientFull(f"the client holds {held_rows:,} rows and {held_bytes:,} bytes not yet acknowledged "
+                                 f"(max_rows {self.max_rows:,}, max_bytes {self.max_bytes:,})"
                                  + (f" and none left within block_timeout {self.block_timeout:g}s" if block else "")
                                  + ": the buffer is not keeping up, or is unreachable")
             self._room.wait(left)
         raise ClientClosed("the client is closed")
+
+    def _held(self) -> tuple[int, int]:
+        batches = self._unresolved.values()
+        return sum(b.nrows for b in batches), sum(b.nbytes for b in batches)
 
     def flush(self, timeout: float | None = None, *, committed: bool = False) -> bool:
         """Sends what is open; True once everything written before this call was acknowledged (and,
@@ -310,11 +343,12 @@ class Client:
             self._open.clear()
             self._ready.clear()
             self._later.clear()
-            self._work.notify()
+            self._work.notify_all()
         for batch in left:
             self._resolve(batch, error=WriteFailed(None, "the client was closed before the buffer acknowledged "
                                                    "this batch (if it was on its way, it may still land)", batch.nrows))
-        self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
         self._channel.close()
         return ok
 
@@ -322,10 +356,12 @@ class Client:
         """The client's counters: rows written, acknowledged, failed (their batch failed, or the client
         closed first), refused (``ClientFull``), and what it holds now."""
         with self._lock:
-            return {"written_rows": self._written_rows, "acknowledged_rows": self._counts["acknowledged_rows"],
+            held_rows, held_bytes = self._held()
+            done = self._counts["acknowledged_rows"] + self._counts["failed_rows"]
+            return {"written_rows": done + held_rows, "acknowledged_rows": self._counts["acknowledged_rows"],
                     "failed_rows": self._counts["failed_rows"],
-                    "refused_rows": self._counts["refused_rows"], "held_rows": self.held_rows,
-                    "held_bytes": self.held_bytes, "batches_sent": self._counts["batches_sent"],
+                    "refused_rows": self._counts["refused_rows"], "held_rows": held_rows,
+                    "held_bytes": held_bytes, "batches_sent": self._counts["batches_sent"],
                     "resends": self._counts["resends"], "duplicates": self._counts["duplicates"]}
 
     def __enter__(self) -> Client:
@@ -339,6 +375,9 @@ class Client:
     def _seal(self, batch: _Batch) -> None:
         """Under the lock: the batch takes no more rows and goes to the sender."""
         del self._open[(batch.table, batch.format)]
+        self._reserved_rows += batch.nrows - batch.reserved_rows  # from its reservation to its size
+        self._reserved_bytes += batch.nbytes - batch.reserved_bytes
+        batch.reserved_rows, batch.reserved_bytes = batch.nrows, batch.nbytes
         self._ready.append(batch)
         self._work.notify()
 
@@ -348,23 +387,44 @@ class Client:
         return grpc.insecure_channel(self.target, options=self._options)
 
     def _run(self) -> None:
+        """One of ``max_in_flight`` sender threads: a blocking call at a time (gRPC's future calls
+        would add a polling thread that competes with the application for the interpreter)."""
         while True:
             with self._lock:
                 batch = self._next()
                 if batch is None:
                     return
-                reconnect, self._reconnect = self._reconnect, False
-            if reconnect:  # a new connection: a draining replica's clients go elsewhere
-                old, self._channel = self._channel, self._connect()
-                old.close()
+                if self._reconnect:  # a new connection: a draining replica's clients go elsewhere
+                    self._reconnect = False
+                    self._retire(self._channel)
+                    self._channel = self._connect()
+                    self._call = self._write_method(self._channel)
+                channel, call = self._channel, self._call
+                self._users[channel] += 1
             try:
-                self._send(batch)
+                self._send(batch, call)
             except Exception as exc:  # never a silent death: the batch fails, the thread goes on
                 log.exception("sending a batch failed")
                 with self._lock:
                     self._in_flight -= 1
+                    self._work.notify()
                 self._resolve(batch, error=WriteFailed(None, f"the client could not send the batch: {exc!r}",
                                                        batch.nrows))
+            finally:
+                with self._lock:
+                    self._users[channel] -= 1
+                    if channel is not self._channel:
+                        self._retire(channel)
+
+    def _retire(self, channel: grpc.Channel) -> None:
+        """Under the lock: closes a replaced channel once no thread has a call on it."""
+        if self._users[channel] <= 0:
+            del self._users[channel]
+            channel.close()
+
+    @staticmethod
+    def _write_method(channel: grpc.Channel) -> Any:
+        return channel.unary_unary(f"/{SERVICE_NAME}/Write", None, pb.WriteResponse.FromString)
 
     def _next(self) -> _Batch | None:
         """Under the lock: waits for a batch to send (sealing those past their linger)."""
@@ -374,9 +434,13 @@ class Client:
                 self._seal(batch)
             while self._later and self._later[0][0] <= now:
                 self._ready.append(heapq.heappop(self._later)[2])
-            if self._ready and self._in_flight < self.max_in_flight and now >= self._paused_until:
+            if self._ready and now >= self._paused_until:
                 self._in_flight += 1
-                return self._ready.popleft()
+                batch = self._ready.popleft()
+                if batch.sequence == 0:
+                    self._sequence += 1
+                    batch.sequence = self._sequence
+                return batch
             if self._stop:
                 return None
             wake = [b.created + self.linger for b in self._open.values()]
@@ -386,40 +450,27 @@ class Client:
                 wake.append(self._paused_until)
             self._work.wait(max(0.0, min(wake) - now) if wake else None)
 
-    def _send(self, batch: _Batch) -> None:
+    def _send(self, batch: _Batch, call: Any) -> None:
         if batch.request is None:
-            self._sequence += 1
             lines = FORMATS[batch.format][1]
             batch.request = pb.WriteRequest(
                 table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
                 row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
-                producer=self.producer, sequence=self._sequence).SerializeToString()
+                producer=self.producer, sequence=batch.sequence).SerializeToString()
             batch.parts = []
             batch.deadline = time.monotonic() + self.retry_for
         batch.attempts += 1
-        self._counts["batches_sent" if batch.attempts == 1 else "resends"] += 1
-        call = self._channel.unary_unary(f"/{SERVICE_NAME}/Write", None, pb.WriteResponse.FromString)
-        future = call.future(batch.request, timeout=self.call_timeout, wait_for_ready=True)
-        future.add_done_callback(functools.partial(self._done, batch))
-
-    def _done(self, batch: _Batch, call: Any) -> None:
-        """On gRPC's thread: the outcome of one attempt."""
         try:
-            reply = call.result()
+            reply = call(batch.request, timeout=self.call_timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
             self._failed_attempt(batch, exc)
             return
-        except Exception as exc:  # a reply that does not parse, say
-            with self._lock:
-                self._in_flight -= 1
-                self._work.notify()
-            self._resolve(batch, error=WriteFailed(None, f"unexpected reply: {exc!r}", batch.nrows))
-            return
         with self._lock:
             self._in_flight -= 1
-            self._work.notify()
+            self._counts["batches_sent"] += 1
             if reply.duplicate:
                 self._counts["duplicates"] += 1
+            self._work.notify()
         self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):].lower(),
                                  reply.duplicate))
 
@@ -436,12 +487,15 @@ class Client:
                 wait = int(hint) / 1000 if hint else min(2.0, 0.05 * 2 ** batch.attempts)
                 self._paused_until = max(self._paused_until, now + wait)  # the buffer is full: nothing meanwhile
                 self._ready.appendleft(batch)
+                self._counts["resends"] += 1
                 return
             if again and code in RESEND:
                 wait = min(2.0, 0.02 * 2 ** batch.attempts)
                 heapq.heappush(self._later, (now + wait, id(batch), batch))
                 self._reconnect = self._reconnect or code is grpc.StatusCode.UNAVAILABLE
+                self._counts["resends"] += 1
                 return
+            self._counts["batches_sent"] += 1
         log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
         self._resolve(batch, error=WriteFailed(code, message, batch.nrows))
 
@@ -449,8 +503,8 @@ class Client:
         with self._lock:
             if self._unresolved.pop(id(batch), None) is None:
                 return  # resolved already (close() failed it while its call was out)
-            self.held_rows -= batch.nrows
-            self.held_bytes -= batch.nbytes
+            self._reserved_rows -= batch.reserved_rows
+            self._reserved_bytes -= batch.reserved_bytes
             self._counts["acknowledged_rows" if error is None else "failed_rows"] += batch.nrows
             self._room.notify_all()
         if error is None:

@@ -10,7 +10,9 @@ Runs its own event loop in a thread, listening on 127.0.0.1, forwarding to one u
   (a request cut mid-body);
 * ``blackhole`` — accept and read, never forward, never answer;
 * ``drop_responses`` — forward requests (the server does the work: an insert commits), but never
-  deliver the answers: the client times out after the fact.
+  deliver the answers: the client times out after the fact;
+* ``mute`` — the same for connections already open too (set it with ``close_open=False``): a
+  long-lived HTTP/2 connection, its handshake done, whose answers stop arriving.
 
 Connections opened under a mode keep that mode; ``set()`` also closes the open ones when asked,
 as a real outage would.
@@ -23,7 +25,7 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 
-MODES = ("pass", "refuse", "reset", "delay", "cut", "blackhole", "drop_responses")
+MODES = ("pass", "refuse", "reset", "delay", "cut", "blackhole", "drop_responses", "mute")
 
 
 @dataclass
@@ -145,7 +147,7 @@ class FaultProxy:
                         self.counters.cut_requests += 1
                         writer.close()
                         raise ConnectionResetError("cut")
-                if not upstream and mode == "drop_responses":
+                if not upstream and (mode == "drop_responses" or self.mode == "mute"):
                     self.counters.dropped_responses += 1
                     continue  # swallow the answer; the client hears nothing
                 writer.write(data)
