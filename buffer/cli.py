@@ -138,10 +138,8 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    import grpc
-
     from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
-    from buffer.send import resolve_format, send
+    from buffer.send import SendFailed, resolve_format, send
 
     try:
         fmt = resolve_format(args.format, args.file)
@@ -151,7 +149,7 @@ def _send(args: argparse.Namespace) -> int:
     target = args.target or os.environ.get(ENV_PREFIX + "GRPC_LISTEN", "127.0.0.1:50051")
     if target.startswith("0.0.0.0:"):
         target = "127.0.0.1:" + target.split(":", 1)[1]
-    ack = pb.ACK_LEVEL_COMMITTED if args.ack == "committed" else pb.ACK_LEVEL_BUFFERED
+    ack = {"committed": pb.ACK_LEVEL_COMMITTED, "durable": pb.ACK_LEVEL_DURABLE}.get(args.ack, pb.ACK_LEVEL_BUFFERED)
     try:
         if args.file in (None, "-"):
             stream, total = sys.stdin.buffer, None
@@ -165,8 +163,12 @@ def _send(args: argparse.Namespace) -> int:
         summary = send(target, args.table, fmt, stream, total=total, chunk_bytes=args.chunk_bytes, ack=ack,
                        row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout,
                        retry_for=args.retry_for)
-    except grpc.RpcError as exc:
-        print(f"ingest-buffer send: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except SendFailed as exc:
+        print(json.dumps(exc.summary))
+        s = exc.summary
+        print(f"ingest-buffer send: {exc.error}. Of the {s['rows_sent']:,} rows sent, the buffer acknowledged "
+              f"{s['rows_acknowledged']:,} and {s['rows_failed']:,} failed; the rest of the input was not sent",
+              file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"ingest-buffer send: {exc}", file=sys.stderr)
@@ -175,11 +177,11 @@ def _send(args: argparse.Namespace) -> int:
         if stream is not sys.stdin.buffer:
             stream.close()
     print(json.dumps(summary))
-    flushed = summary.get("flushed")
-    if isinstance(flushed, dict) and flushed.get("rows_failed"):
-        print(f"ingest-buffer send: of the rows the buffer held at the flush barrier, {flushed['rows_failed']} did "
-              "not reach ClickHouse (refused for their data: see the buffer's log and its dead-letter store, "
-              "--dead-letter-dir)", file=sys.stderr)
+    flushed = summary.get("flush")
+    if isinstance(flushed, dict) and not flushed.get("committed"):
+        print(f"ingest-buffer send: every row sent was acknowledged, but of the rows the buffer held at the flush "
+              f"barrier {flushed.get('held_rows_failed')} did not reach ClickHouse (refused for their data: see the "
+              "buffer's log and its dead-letter store, --dead-letter-dir)", file=sys.stderr)
         return 1
     return 0
 
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     drain.set_defaults(func=_drain)
 
-    snd = sub.add_parser("send", help="stream rows from a file or stdin to a running buffer")
+    snd = sub.add_parser("send", help="send rows from a file or stdin to a running buffer")
     snd.add_argument("file", nargs="?", default=None, help="file to send; - or absent for stdin")
     snd.add_argument("--table", required=True, help="table to insert into")
     snd.add_argument("--format", default=None,
@@ -282,18 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--target", default=None, metavar="HOST:PORT",
                      help=f"the buffer's gRPC address (env {ENV_PREFIX}GRPC_LISTEN; default 127.0.0.1:50051; "
                           "unix:/path for a socket)")
-    snd.add_argument("--ack", choices=("buffered", "committed"), default="buffered",
-                     help="reply once rows are buffered (default) or committed to ClickHouse")
+    snd.add_argument("--ack", choices=("buffered", "durable", "committed"), default="buffered",
+                     help="each request acknowledged once its rows are buffered (default), fsynced to the "
+                          "buffer's write-ahead log, or committed to ClickHouse")
     snd.add_argument("--flush", action="store_true", help="wait until ClickHouse has every row before exiting")
     snd.add_argument("--row-count", type=int, default=0, help="rows in the file (RowBinary and Native only)")
-    snd.add_argument("--chunk-bytes", type=int, default=1024 * 1024, help="bytes per stream message")
+    snd.add_argument("--chunk-bytes", type=int, default=1024 * 1024, help="bytes per request")
     snd.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                      help="progress bar on stderr (auto: when it is a terminal)")
     snd.add_argument("--timeout", type=float, default=None,
-                     help="seconds each call may take (a stream carries up to 64 MiB; the --flush barrier)")
+                     help="seconds each request, the wait for the acknowledgements, and the --flush barrier "
+                          "may each take (default: 60 s a request, 600 s with --ack committed; no bound on the waits)")
     snd.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
-                     help="while the buffer refuses rows as full or draining without taking any, keep resuming "
-                          "this long (default 60)")
+                     help="how long a request refused as full, or whose answer was lost, is resent (default 60)")
     snd.set_defaults(func=_send)
 
     sql = sub.add_parser("sql", help="run SQL on the configured ClickHouse (e.g. create the tables)",

@@ -203,6 +203,7 @@ class Client:
         self._reserved_rows = 0
         self._reserved_bytes = 0
         self._counts = collections.Counter[str]()
+        self.last_barrier: pb.FlushResponse | None = None  # the reply of the last flush(committed=True)
         self._channel = self._connect()
         self._call = self._write_method(self._channel)
         self._users = collections.Counter[grpc.Channel]()  # calls out on each channel
@@ -325,6 +326,7 @@ class Client:
             except grpc.RpcError as exc:
                 log.warning("the buffer's Flush failed: %s: %s", exc.code().name, exc.details())
                 return False
+            self.last_barrier = reply
             ok = reply.rows_failed == 0
         return ok
 
@@ -478,6 +480,7 @@ class Client:
         code = exc.code()
         message = exc.details() or ""
         now = time.monotonic()
+        wait = 0.0
         with self._lock:
             self._in_flight -= 1
             self._work.notify()
@@ -488,14 +491,17 @@ class Client:
                 self._paused_until = max(self._paused_until, now + wait)  # the buffer is full: nothing meanwhile
                 self._ready.appendleft(batch)
                 self._counts["resends"] += 1
-                return
-            if again and code in RESEND:
+            elif again and code in RESEND:
                 wait = min(2.0, 0.02 * 2 ** batch.attempts)
                 heapq.heappush(self._later, (now + wait, id(batch), batch))
                 self._reconnect = self._reconnect or code is grpc.StatusCode.UNAVAILABLE
                 self._counts["resends"] += 1
-                return
-            self._counts["batches_sent"] += 1
+            else:
+                self._counts["batches_sent"] += 1
+                again = False
+        if again:
+            log.info("%s: %s; resending %d rows in %gs", code.name, message, batch.nrows, wait)
+            return
         log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
         self._resolve(batch, error=WriteFailed(code, message, batch.nrows))
 

@@ -1,37 +1,43 @@
-"""``ingest-buffer send``: stream rows from a file or stdin to a running buffer.
+"""``ingest-buffer send``: send rows from a file or stdin to a running buffer, through buffer.client.
 
-Line formats are cut into messages of about ``--chunk-bytes`` at row boundaries (for CSV, only
-between rows: never inside a quoted field), so files of any size stream in constant memory.
-Binary formats cannot be cut without decoding, so the file goes as one message with the
-``--row-count`` the caller gives.
+Line formats are cut into requests of about ``--chunk-bytes`` at row boundaries (for CSV, only
+between rows: never inside a quoted field), so files of any size go in constant memory. Binary
+formats cannot be cut without decoding, so the file goes as one request with the ``--row-count``
+the caller gives.
 
-When the buffer refuses a message because it is full (RESOURCE_EXHAUSTED) or draining
-(UNAVAILABLE), its error says how many messages of the stream it accepted: send waits (the
-``retry-after-ms`` hint, or a growing pause) and opens a new stream from the first refused message,
-until refusals without progress have lasted ``retry_for`` seconds. Nothing is sent twice: messages
-the buffer accepted are never replayed, and neither a failure that does not say what was accepted
-(a connection cut) nor a COMMITTED stream (its accepted messages are not confirmed committed) is
-resumed. A stream ends after about STREAM_BYTES, so at most that much waits in memory to be
-replayed.
+Resending is the client's (one implementation for the library and this command): every request
+carries a resend key, so a request refused as full (RESOURCE_EXHAUSTED: after the buffer's
+``retry-after-ms`` hint), or whose answer was lost (a draining buffer, a cut connection, a deadline),
+is sent again for up to ``retry_for`` seconds and never lands twice. The first request that fails
+for good stops the reading; what was sent before it is still waited for, and the summary says what
+became of every row.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import grpc
-
-from buffer.api import ACCEPTED_MESSAGES_KEY, FORMATS, RETRY_AFTER_KEY
+from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
-from buffer.api import ingest_pb2_grpc as pb_grpc
+from buffer.client import Ack, Client, WriteFailed
 
-STREAM_BYTES = 64 * 1024 * 1024
-RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+class SendFailed(Exception):
+    """A request failed for good: ``error`` is its failure, ``summary`` what became of every row."""
+
+    def __init__(self, error: WriteFailed, summary: dict[str, object]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.summary = summary
+
+
+ACK_NAMES = {pb.ACK_LEVEL_BUFFERED: "buffered", pb.ACK_LEVEL_DURABLE: "durable", pb.ACK_LEVEL_COMMITTED: "committed"}
 
 # file extension → format
 EXTENSIONS: dict[str, pb.Format] = {
@@ -144,142 +150,74 @@ class Progress:
 def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: int | None, chunk_bytes: int,
          ack: pb.AckLevel, row_count: int, flush: bool, progress: bool,
          timeout: float | None, retry_for: float = 60.0) -> dict[str, object]:
+    """Sends the input; returns the summary. Raises SendFailed when a request failed for good, and
+    ValueError for bad input."""
     name, is_lines = FORMATS[fmt]
     bar = Progress(total, progress, started=time.monotonic())
+    failed: list[WriteFailed] = []
 
-    def messages() -> Iterator[tuple[bytes, int]]:
+    def note(future: Future[Ack]) -> None:
+        error = future.exception()
+        if isinstance(error, WriteFailed) and not failed:
+            failed.append(error)
+
+    _resends_on_stderr()
+    client = Client(target, ack_level=ACK_NAMES[ack], batch_bytes=max(chunk_bytes, 1), linger=0.05,
+                    max_bytes=max(64 << 20, 4 * chunk_bytes), retry_for=retry_for,
+                    call_timeout=timeout if timeout else 600.0 if ack == pb.ACK_LEVEL_COMMITTED else 60.0)
+    summary: dict[str, object] = {"table": table, "format": name, "ack_level": ACK_NAMES[ack]}
+    try:
         if is_lines:
             for payload, rows in chunks(stream, chunk_bytes, csv=name == "CSV", on_unterminated=lambda: print(
                     "ingest-buffer send: the input does not end with a newline; its last line was sent as a "
                     "complete row (if the file was cut short, that row is refused and dead-lettered)",
                     file=sys.stderr)):
+                if failed:
+                    break  # a request failed for good: stop reading, wait for what went before it
+                client.write(table, payload, format=fmt).add_done_callback(note)
                 bar.update(len(payload), rows)
-                yield payload, rows
         else:
             if not row_count:
                 raise ValueError(f"{name} rows cannot be counted without decoding: pass --row-count N")
             payload = stream.read()
+            client.write(table, payload, format=fmt, rows=row_count).add_done_callback(note)
             bar.update(len(payload), row_count)
-            yield payload, row_count
-
-    source = messages()
-    # Messages sent in the current stream and not yet known to be accepted, oldest first. gRPC pulls
-    # requests in a thread of its own that may still be inside a stream's generator after the
-    # stream failed: the lock and the generation keep such a straggler from reading the input, and
-    # an error reading the input is kept for this thread to raise (gRPC would only log it).
-    pending: list[tuple[bytes, int]] = []
-    lock = threading.Lock()
-    generation = [0]
-    done = {"messages": 0, "rows": 0, "bytes": 0}
-    exhausted = threading.Event()
-    input_error: list[BaseException] = []
-    retries = total_retries = 0  # refusals in the current run (for the backoff) / in all
-    ack_name = pb.AckLevel.Name(ack)
-
-    def request(payload: bytes, rows: int) -> pb.WriteStreamRequest:
-        return pb.WriteStreamRequest(table=table, format=fmt, rows=payload, row_count=0 if is_lines else rows,
-                                     ack_level=ack)
-
-    def requests(gen: int) -> Iterator[pb.WriteStreamRequest]:
-        with lock:
-            replay = list(pending)  # refused last time: sent again first
-        size = 0
-        for payload, rows in replay:
-            size += len(payload)
-            yield request(payload, rows)
-        while size < STREAM_BYTES:
-            with lock:
-                if gen != generation[0] or input_error:
-                    return
-                try:
-                    item = next(source)
-                except StopIteration:
-                    exhausted.set()
-                    return
-                except BaseException as exc:
-                    input_error.append(exc)
-                    raise
-                pending.append(item)
-            size += len(item[0])
-            yield request(*item)
-
-    def settle(count: int) -> None:
-        """The stream is over and the buffer accepted its first ``count`` messages."""
-        with lock:
-            generation[0] += 1
-            for payload, rows in pending[:count]:
-                done["messages"] += 1
-                done["rows"] += rows
-                done["bytes"] += len(payload)
-            del pending[:count]
-
-    give_up: float | None = None  # while refusals go on without progress: when to stop resuming
-    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 512 * 1024 * 1024)]) as channel:
-        stub = pb_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            while True:
-                try:
-                    reply = stub.WriteStream(requests(generation[0]), timeout=timeout)
-                except grpc.RpcError as exc:
-                    if input_error:
-                        raise input_error[0] from None
-                    told = dict(exc.trailing_metadata() or ()).get(ACCEPTED_MESSAGES_KEY)
-                    if told is not None:
-                        settle(int(told))
-                        if int(told):
-                            give_up, retries = None, 0  # progress: a new run of refusals starts afresh
-                    if give_up is None:
-                        give_up = time.monotonic() + retry_for
-                    wait = _retry_wait(exc, told is not None and ack != pb.ACK_LEVEL_COMMITTED, retries, give_up)
-                    if wait is None:
-                        if told is None and pending:
-                            known = " (and perhaps some of the last ones: the error does not say)"
-                        elif ack == pb.ACK_LEVEL_COMMITTED:
-                            known = " (buffered: their commit was not confirmed, so they are not resent)"
-                        else:
-                            known = ""
-                        print(f"ingest-buffer send: the buffer accepted {done['rows']:,} rows in {done['messages']} "
-                              f"messages{known} before the error below", file=sys.stderr)
-                        raise
-                    retries += 1
-                    total_retries += 1
-                    time.sleep(wait)
-                    continue
-                if input_error:
-                    raise input_error[0]
-                settle(len(pending))
-                give_up, retries = None, 0
-                if reply.messages:
-                    ack_name = pb.AckLevel.Name(reply.ack_level)
-                if exhausted.is_set() and not pending:
-                    break
-        finally:
-            bar.close()
-        summary: dict[str, object] = {"table": table, "format": name, **done, "ack_level": ack_name,
-                                      "retries": total_retries}
-        if flush:
-            barrier = stub.Flush(pb.FlushRequest(), timeout=timeout)
-            summary["flushed"] = {"rows_committed": barrier.rows_committed, "rows_failed": barrier.rows_failed}
+        acknowledged = client.flush(timeout)
+        if acknowledged and flush:
+            summary["flush"] = _barrier(client, timeout)
+    finally:
+        bar.close()
+        client.close(0 if failed else timeout)
+        stats = client.stats()
+        summary.update({"rows_sent": stats["written_rows"], "rows_acknowledged": stats["acknowledged_rows"],
+                        "rows_failed": stats["failed_rows"], "requests": stats["batches_sent"],
+                        "resends": stats["resends"]})
         elapsed = time.monotonic() - bar.started
         summary["seconds"] = round(elapsed, 3)
-        summary["rows_per_second"] = round(done["rows"] / elapsed) if elapsed > 0 else None
-        return summary
+        summary["rows_per_second"] = round(stats["acknowledged_rows"] / elapsed) if elapsed > 0 else None
+    if failed or stats["failed_rows"]:
+        raise SendFailed(failed[0] if failed else WriteFailed(None, "a request was not acknowledged",
+                                                              stats["failed_rows"]), summary)
+    return summary
 
 
-def _retry_wait(exc: grpc.RpcError, told: bool, retries: int, give_up: float) -> float | None:
-    """Seconds to wait before resuming after ``exc``, or None when it must not be retried.
+def _barrier(client: Client, timeout: float | None) -> dict[str, object]:
+    """The buffer's Flush barrier, after every row sent was acknowledged: ``committed`` is true when
+    everything the buffer held at that moment — these rows and any other client's — reached
+    ClickHouse. The counts are of those held rows, not of this input: rows the buffer had written
+    already were not held any more."""
+    done = client.flush(timeout, committed=True)
+    reply = client.last_barrier
+    return {"committed": done, "held_rows_committed": reply.rows_committed if reply else None,
+            "held_rows_failed": reply.rows_failed if reply else None}
 
-    Only refusals that say how many messages the buffer accepted (``told``) are retried: after any
-    other failure a replay could send rows twice. COMMITTED streams are not resumed either: the
-    messages a refused stream had sent are buffered, but their commit was never confirmed.
-    """
-    if exc.code() not in RETRYABLE or not told:
-        return None
-    hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
-    wait = int(hint) / 1000 if hint else min(5.0, 0.1 * 2 ** retries)
-    if time.monotonic() + wait > give_up:
-        print("ingest-buffer send: giving up: the buffer kept refusing, with no progress, for --retry-for",
-              file=sys.stderr)
-        return None
-    print(f"ingest-buffer send: {exc.code().name}: {exc.details()}; resuming in {wait:g}s", file=sys.stderr)
-    return wait
+
+def _resends_on_stderr() -> None:
+    """The client says at INFO what it resends and why: on stderr, as send's own lines."""
+    logger = logging.getLogger("buffer.client")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ingest-buffer send: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -189,9 +189,10 @@ async def test_send_resumes_where_a_full_buffer_refused_it_and_sends_nothing_twi
     proxy.set("pass")
     code, summary, err = await sending
     assert code == 0, err
-    assert summary is not None and summary["rows"] == 20_000 and summary["retries"] > 0, summary
-    assert "RESOURCE_EXHAUSTED" in err and "resuming in" in err
-    assert summary["flushed"]["rows_failed"] == 0  # the barrier covers the rows still buffered at its time
+    assert summary is not None and summary["rows_sent"] == summary["rows_acknowledged"] == 20_000, summary
+    assert summary["resends"] > 0 and summary["rows_failed"] == 0
+    assert "RESOURCE_EXHAUSTED" in err and "resending" in err
+    assert summary["flush"]["committed"] is True  # every row the buffer held at the barrier reached ClickHouse
     count, unique = clickhouse.client.query(f"SELECT count(), uniqExact(id) FROM {clickhouse.database}.t"
                                             ).result_rows[0]
     assert count == unique == 20_000
@@ -204,9 +205,10 @@ async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
     code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound,
                                         "--chunk-bytes", "4096", "--retry-for", "1", "--progress", "off")
     accepted = buf.app.ledger.accepted_rows
-    assert code == 1 and summary is None
-    assert "giving up" in err and f"the buffer accepted {accepted:,} rows" in err and "RESOURCE_EXHAUSTED" in err
-    assert 0 < accepted < 20_000
+    assert code == 1 and summary is not None, err
+    assert summary["rows_acknowledged"] == accepted and 0 < accepted < 20_000, (summary, accepted)
+    assert summary["rows_failed"] == summary["rows_sent"] - accepted, "every row sent is acknowledged or failed"
+    assert "RESOURCE_EXHAUSTED" in err and f"the buffer acknowledged {accepted:,}" in err
     proxy.set("pass")  # the accepted rows still land
     await pb_grpc.IngestServiceStub(buf.channel).Flush(pb.FlushRequest())
     count, unique = clickhouse.client.query(f"SELECT count(), uniqExact(id) FROM {clickhouse.database}.t"
@@ -214,14 +216,20 @@ async def test_send_gives_up_after_retry_for_and_says_what_was_accepted(
     assert count == unique == accepted
 
 
-async def test_send_does_not_resume_a_committed_stream_whose_commit_it_cannot_confirm(
+async def test_send_with_committed_acks_resends_what_a_full_buffer_refused_and_lands_each_row_once(
         clickhouse: ClickHouse, proxy: FaultProxy, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    """A refused request took nothing, so even a COMMITTED one is resent safely (its resend key)."""
     buf, data = await refusing_buffer(clickhouse, proxy, start_buffer, tmp_path)
-    code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound, "--ack",
-                                        "committed", "--chunk-bytes", "4096", "--progress", "off")
-    assert code == 1 and summary is None
-    assert "RESOURCE_EXHAUSTED" in err and "their commit was not confirmed" in err and "resuming" not in err
+    sending = asyncio.create_task(run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound, "--ack",
+                                           "committed", "--chunk-bytes", "4096", "--progress", "off"))
+    await asyncio.sleep(1.5)
+    assert not sending.done()
     proxy.set("pass")
+    code, summary, err = await sending
+    assert code == 0, err
+    assert summary is not None and summary["rows_acknowledged"] == 20_000 and summary["ack_level"] == "committed"
+    assert clickhouse.count("t") == 20_000, "committed acks: in ClickHouse before send returned"
+    assert int(clickhouse.command(f"SELECT uniqExact(id) FROM {clickhouse.database}.t")) == 20_000
 
 
 @needs_test_endpoint
