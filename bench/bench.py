@@ -1,7 +1,8 @@
 """Throughput and ack latency of ingest-buffer against direct ClickHouse inserts, on one embedded chDB.
 
 Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--repeat R] [--quick] [--reference]
-[--profile DIR]``
+[--profile DIR]``; ``--wal`` measures the write-ahead log (bench/wal_bench.py) and ``--client`` the client
+library (bench/client_bench.py) instead.
 
 Design (chDB lets one process open one data path, and never two processes the same path at once,
 so everything touching the data runs in turn, each phase in its own process):
@@ -404,6 +405,9 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None, help="record py-spy flame graphs of the sidecar here")
     parser.add_argument("--wal", action="store_true",
                         help="measure the write-ahead log's costs instead (bench/wal_bench.py; --seconds, --quick)")
+    parser.add_argument("--client", action="store_true",
+                        help="measure the client library instead (bench/client_bench.py: 1,000,000 one-row dicts "
+                             "from one application thread; --rows, --repeat)")
     parser.add_argument("--reference", action="store_true",
                         help="also run the sidecar's phases against bench/reference_server.py, the simplest "
                              "server that takes the same requests (about 2 more minutes)")
@@ -414,6 +418,14 @@ def main() -> int:
         given = ["--seconds", str(args.seconds)] if any(a.startswith("--seconds") for a in sys.argv) else []
         sys.argv = [wal_bench.__file__, *given, *(["--quick"] if args.quick else [])]
         wal_bench.main()
+        return 0
+    if args.client:
+        import client_bench  # beside this file
+
+        rows = ["--rows", str(args.rows)] if any(a.startswith("--rows") for a in sys.argv) else []
+        rounds = ["--rounds", str(args.repeat)] if any(a.startswith("--repeat") for a in sys.argv) else []
+        sys.argv = [client_bench.__file__, *rows, *rounds]
+        client_bench.main()
         return 0
     if args.quick:
         args.seconds, args.rows, args.small_rows = 2.0, min(args.rows, 600_000), min(args.small_rows, 100_000)

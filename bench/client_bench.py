@@ -11,11 +11,13 @@ as it can, end to end until everything is acknowledged (BUFFERED), four ways, ag
    resend keys), the yardstick the library must beat;
 3. raw one-row stream messages (one ``WriteStreamRequest`` per row: the path without a client),
    over N/10 rows;
-4. the same rows encoded and sent in as few requests as the buffer takes (16 MiB each): the ceiling
-   for an application that already has its rows in bulk.
+4. the same rows, encoded before the clock starts, sent as 15 MiB stream messages: the ceiling for
+   an application that already has its rows in bulk.
 
 For each: rows/s, the application's CPU per row (from getrusage in its process) and the sidecar's
-(from /proc), and for 1 and 2 the p50/p99/max of one ``write()`` call, timed around every call.
+(from /proc), and for 1 and 2 the p50/p99/max of one ``write()`` call, timed around every call, and
+where the application's CPU went, thread by thread (from /proc/self/task; the timing of every call
+is in the application thread's share).
 Every process is stopped by its PID; the data lives in a temp directory deleted afterwards.
 Figures are printed, not asserted.
 """
@@ -62,6 +64,7 @@ class NaiveClient:
 
         self.pb, self.dumps, self.nl = pb, orjson.dumps, orjson.OPT_APPEND_NEWLINE
         self.batch, self.linger = batch, linger
+        self.sent = 0
         self.lock = threading.Lock()
         self.rows: list[bytes] = []
         self.q: queue.Queue[bytes | None] = queue.Queue()
@@ -69,9 +72,15 @@ class NaiveClient:
         stub = self.channel.stream_unary("/ingestbuffer.v1.IngestService/WriteStream",
                                          response_deserializer=pb.WriteStreamResponse.FromString)
         self.reply: list[Any] = []
-        self.sender = threading.Thread(target=lambda: self.reply.append(stub(iter(self.q.get, None))))
+        self.cpu: list[float] = []  # each thread's CPU seconds, as it ends (for the figures)
+
+        def send() -> None:
+            self.reply.append(stub(iter(self.q.get, None)))
+            self.cpu.append(time.thread_time())
+
+        self.sender = threading.Thread(target=send)
         self.sender.start()
-        self.timer = threading.Thread(target=self._tick, daemon=True)
+        self.timer = threading.Thread(target=self._tick)
         self.done = threading.Event()
         self.timer.start()
 
@@ -87,14 +96,17 @@ class NaiveClient:
             self.q.put(self.pb.WriteStreamRequest(table=table, format=self.pb.FORMAT_JSON_EACH_ROW,
                                                   rows=b"".join(self.rows)).SerializeToString())
             self.rows = []
+            self.sent += 1
 
     def _tick(self) -> None:
         while not self.done.wait(self.linger):
             with self.lock:
                 self._send(TABLE)
+        self.cpu.append(time.thread_time())
 
     def close(self) -> None:
         self.done.set()
+        self.timer.join()
         with self.lock:
             self._send(TABLE)
         self.q.put(None)
@@ -102,12 +114,42 @@ class NaiveClient:
         self.channel.close()
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads, by role: the application's thread, the client's
+    threads (by name), and gRPC's own (threads Python did not start)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "gRPC and other native threads")
+        if name == "MainThread":
+            name = "application thread"
+        elif name.startswith("ingest-buffer-client-") and name[-1].isdigit():
+            name = "client sender threads"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def app(target: str, shape: str, n: int) -> dict[str, Any]:
     """The application process: writes n rows its way, returns its figures."""
     data = rows(0, n)
+    chunks: list[bytes] = []
+    if shape == "bulk":  # an application that has its rows encoded already: 15 MiB requests
+        import orjson
+
+        lines = [orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in data]
+        step = max(1, len(lines) * 15 // max(1, sum(map(len, lines)) >> 20))
+        chunks = [b"".join(lines[i:i + step]) for i in range(0, len(lines), step)]
+        del lines
     lat: list[float] = []
+    batches = 0
     clock = time.perf_counter
     r0 = resource.getrusage(resource.RUSAGE_SELF)
+    before = thread_cpu()
     t0 = clock()
     if shape == "client":
         from buffer.client import Client
@@ -120,8 +162,10 @@ def app(target: str, shape: str, n: int) -> dict[str, Any]:
             lat.append(clock() - t)
         assert client.flush(600), client.stats()
         stats = client.stats()
+        threads = thread_cpu()
         client.close()
         assert stats["acknowledged_rows"] == n, stats
+        batches = stats["batches_sent"]
     elif shape == "naive":
         naive = NaiveClient(target)
         nwrite = naive.write
@@ -130,6 +174,8 @@ def app(target: str, shape: str, n: int) -> dict[str, Any]:
             nwrite(TABLE, row)
             lat.append(clock() - t)
         naive.close()
+        threads = {**thread_cpu(), "naive sender and timer threads": sum(naive.cpu)}
+        batches = naive.sent
     else:
         import grpc
         import orjson
@@ -147,19 +193,17 @@ def app(target: str, shape: str, n: int) -> dict[str, Any]:
                                                     rows=orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
                 reply = stream(one_per_row())
             else:
-                lines = [orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in data]
-                step = max(1, len(lines) * 15 // (sum(map(len, lines)) >> 20 or 1) // 16)  # ~15 MiB each
-
-                def bulk() -> Any:
-                    for i in range(0, len(lines), step):
-                        yield pb.WriteStreamRequest(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW,
-                                                    rows=b"".join(lines[i:i + step]))
-                reply = stream(bulk())
+                reply = stream(pb.WriteStreamRequest(table=TABLE, format=pb.FORMAT_JSON_EACH_ROW, rows=chunk)
+                               for chunk in chunks)
             assert reply.rows == n, reply
     seconds = clock() - t0
+    if shape not in ("client", "naive"):
+        threads = thread_cpu()
+    threads = {name: cpu - before.get(name, 0.0) for name, cpu in threads.items()}
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"seconds": seconds, "cpu": cpu, "lat": [pct(lat, 0.5), pct(lat, 0.99), max(lat)] if lat else None}
+    return {"seconds": seconds, "cpu": cpu, "lat": [pct(lat, 0.5), pct(lat, 0.99), max(lat)] if lat else None,
+            "threads": threads, "batches": batches}
 
 
 def run(sidecar: Sidecar, shape: str, n: int) -> dict[str, Any]:
@@ -199,6 +243,10 @@ def main() -> None:
                            if r["lat"] else "")
                     print(f"{shape:12s} {n:10,d} {n / r['seconds']:10,.0f}  {r['cpu'] / n * 1e6:8.2f} us  "
                           f"{r['sidecar_cpu'] / n * 1e6:12.2f} us{lat}", flush=True)
+                    if shape in ("client", "naive"):
+                        where = sorted(r["threads"].items(), key=lambda kv: -kv[1])
+                        print(f"             {r['batches']:,} batches; application CPU by thread: " + ", ".join(
+                            f"{name} {cpu / n * 1e6:.2f} us/row" for name, cpu in where if cpu > 0), flush=True)
                 if args.rounds > 1:
                     print(f"(round {round_ + 1} of {args.rounds})")
         finally:

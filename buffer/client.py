@@ -18,9 +18,12 @@ any format the buffer takes are checked for framing at once (a ``ValueError`` na
 and batched the same way.
 
 A batch is sent when it reaches ``batch_rows`` or ``batch_bytes``, or ``linger`` seconds after its
-first row, as unary ``Write`` calls by ``max_in_flight`` background threads (one call each at a
-time). Each batch carries the client's ``producer`` id and a sequence number, so a resend is
-answered by the buffer with the first reply and never lands twice. Resent, with the same key:
+first row — but while an earlier batch of its table and format is still unanswered, it keeps
+filling until that answer comes (as Nagle's algorithm does for packets), so under load batches grow
+with the round trip instead of the call rate. Batches go as unary ``Write`` calls by
+``max_in_flight`` background threads (one call each at a time). Each batch carries the client's
+``producer`` id and a sequence number, so a resend is answered by the buffer with the first reply
+and never lands twice. Resent, with the same key:
 
 * ``RESOURCE_EXHAUSTED`` (the buffer is full) — after the ``retry-after-ms`` hint; nothing is sent
   meanwhile;
@@ -63,7 +66,10 @@ import asyncio
 import collections
 import concurrent.futures
 import heapq
+import itertools
 import logging
+import math
+import queue
 import threading
 import time
 import uuid
@@ -128,12 +134,15 @@ class Ack:
 
 
 class _Batch:
-    __slots__ = ("afuture", "attempts", "created", "deadline", "format", "future", "nbytes", "nrows", "parts",
-                 "request", "reserved_bytes", "reserved_rows", "sequence", "table")
+    __slots__ = ("afuture", "attempts", "created", "deadline", "format", "full_bytes", "full_rows", "future", "key",
+                 "nbytes", "nrows", "parts", "request", "reserved_bytes", "reserved_rows", "sealed", "table")
 
-    def __init__(self, table: str, fmt: int, now: float) -> None:
+    def __init__(self, table: str, fmt: int, now: float, full_rows: int, full_bytes: int) -> None:
         self.table = table
         self.format = fmt
+        self.key = table if fmt == _JSON else (table, fmt)  # its key in Client._open
+        self.sealed = False
+        self.full_rows, self.full_bytes = full_rows, full_bytes  # sealed when it reaches either
         self.parts: list[bytes] = []
         self.nbytes = 0
         self.nrows = 0
@@ -144,7 +153,6 @@ class _Batch:
         self.afuture: asyncio.Future[Ack] | None = None
         self.request: bytes | None = None
         self.attempts = 0
-        self.sequence = 0  # the resend key's second half, set when first taken to send
         self.deadline = 0.0  # when resending stops (set at the first send)
 
 
@@ -186,15 +194,17 @@ class Client:
                          ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000),
                          *channel_options)
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # the sender waits on it
+        self._work = threading.Condition(self._lock)  # the dispatcher waits on it
         self._room = threading.Condition(self._lock)  # writers waiting for room wait on it
-        self._open: dict[tuple[str, int], _Batch] = {}
-        self._ready: collections.deque[_Batch] = collections.deque()  # sealed, to send now
+        # Open batches by table (JSONEachRow, the dicts' format) or (table, format): no tuple per dict.
+        self._open: dict[str | tuple[str, int], _Batch] = {}
+        self._sendq: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()  # sealed, to send now
+        self._out = collections.Counter[str | tuple[str, int]]()  # batches sealed and not answered, by key
         self._later: list[tuple[float, int, _Batch]] = []  # to resend at a time (a heap)
+        self._wake_at = -math.inf  # when the dispatcher wakes next (-inf: it is awake)
         self._unresolved: dict[int, _Batch] = {}  # every batch not yet acknowledged or failed, by id
-        self._in_flight = 0  # batches the sender threads have out
         self._paused_until = 0.0
-        self._sequence = 0
+        self._sequence = itertools.count(1)  # the resend key's second half (next() is atomic)
         self._closed = False
         self._stop = False
         self._reconnect = False
@@ -209,6 +219,7 @@ class Client:
         self._users = collections.Counter[grpc.Channel]()  # calls out on each channel
         self._threads = [threading.Thread(target=self._run, name=f"ingest-buffer-client-{k}", daemon=True)
                          for k in range(max_in_flight)]
+        self._threads.append(threading.Thread(target=self._dispatch, name="ingest-buffer-client-linger", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -224,13 +235,13 @@ class Client:
         # The common case, _append inlined: the cost of this path is the client's cost per row.
         data = _DUMPS(row, option=_NEWLINE)
         with self._lock:
-            batch = self._open.get((table, _JSON))
+            batch = self._open.get(table)
             if batch is None:
                 batch = self._open_batch(table, _JSON, len(data), 1, self.block)
             batch.parts.append(data)
             batch.nrows += 1
             batch.nbytes += len(data)
-            if batch.nrows >= self.batch_rows or batch.nbytes >= self.batch_bytes:
+            if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
                 self._seal(batch)
             return batch.future
 
@@ -257,7 +268,7 @@ class Client:
         """Adds rows to their open batch; ``block`` None only probes for room (raises _NoRoom)."""
         size = len(data)
         with self._lock:
-            batch = self._open.get((table, fmt))
+            batch = self._open.get(table if fmt == _JSON else (table, fmt))
             if batch is None or batch.nrows + n > batch.reserved_rows or batch.nbytes + size > batch.reserved_bytes:
                 if batch is not None:  # these rows would go past its reservation: the next batch takes them
                     self._seal(batch)
@@ -265,7 +276,7 @@ class Client:
             batch.parts.append(data)
             batch.nrows += n
             batch.nbytes += size
-            if batch.nrows >= self.batch_rows or batch.nbytes >= self.batch_bytes:
+            if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
                 self._seal(batch)
             return batch
 
@@ -275,12 +286,14 @@ class Client:
         nbytes = max(size, self.batch_bytes)
         if self._closed or self._reserved_rows + rows > self.max_rows or self._reserved_bytes + nbytes > self.max_bytes:
             self._wait_room(rows, nbytes, n, block)
-        batch = self._open[(table, fmt)] = _Batch(table, fmt, time.monotonic())
+        batch = _Batch(table, fmt, time.monotonic(), self.batch_rows, self.batch_bytes)
+        self._open[batch.key] = batch
         batch.reserved_rows, batch.reserved_bytes = rows, nbytes
         self._reserved_rows += rows
         self._reserved_bytes += nbytes
         self._unresolved[id(batch)] = batch
-        self._work.notify()  # the sender times its linger
+        if batch.key not in self._out:  # else it waits for that batch's answer (_resolve)
+            self._soon(batch.created + self.linger)
         return batch
 
     def _wait_room(self, rows: int, nbytes: int, n: int, block: bool | None) -> None:
@@ -343,9 +356,10 @@ class Client:
             self._stop = True
             left = list(self._unresolved.values())
             self._open.clear()
-            self._ready.clear()
             self._later.clear()
             self._work.notify_all()
+        for _ in range(self.max_in_flight):
+            self._sendq.put(None)
         for batch in left:
             self._resolve(batch, error=WriteFailed(None, "the client was closed before the buffer acknowledged "
                                                    "this batch (if it was on its way, it may still land)", batch.nrows))
@@ -372,30 +386,64 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ----- the sender thread ---------------------------------------------------------------
+    # ----- the background threads ----------------------------------------------------------
+    #
+    # One dispatcher seals batches past their linger and releases resends when their time comes; the
+    # sender threads take sealed batches from a queue, one blocking call each at a time (gRPC's future
+    # calls would add a polling thread that competes with the application for the interpreter). The
+    # application's lock is taken by them only to seal, to count an outcome, or to reconnect.
 
     def _seal(self, batch: _Batch) -> None:
-        """Under the lock: the batch takes no more rows and goes to the sender."""
-        del self._open[(batch.table, batch.format)]
+        """Under the lock: the batch takes no more rows and goes to the senders."""
+        del self._open[batch.key]
+        self._out[batch.key] += 1
+        batch.sealed = True
         self._reserved_rows += batch.nrows - batch.reserved_rows  # from its reservation to its size
         self._reserved_bytes += batch.nbytes - batch.reserved_bytes
         batch.reserved_rows, batch.reserved_bytes = batch.nrows, batch.nbytes
-        self._ready.append(batch)
-        self._work.notify()
+        self._sendq.put(batch)
 
     def _connect(self) -> grpc.Channel:
         if self._credentials is not None:
             return grpc.secure_channel(self.target, self._credentials, options=self._options)
         return grpc.insecure_channel(self.target, options=self._options)
 
+    def _dispatch(self) -> None:
+        """Seals each open batch past its linger — unless a batch of its table and format is still
+        out, in which case it keeps filling until that one is answered (_resolve seals it then) or it
+        is full: under load batches grow with the round trip, as Nagle's algorithm does for packets."""
+        with self._lock:
+            while not self._stop:
+                now = time.monotonic()
+                lingering = [b for b in self._open.values() if b.key not in self._out]
+                for batch in lingering:
+                    if now - batch.created >= self.linger:
+                        self._seal(batch)
+                while self._later and self._later[0][0] <= now:
+                    self._sendq.put(heapq.heappop(self._later)[2])
+                wake = min([b.created + self.linger for b in lingering if b.key in self._open]
+                           + ([self._later[0][0]] if self._later else []), default=math.inf)
+                self._wake_at = wake  # a new batch or resend due sooner notifies (_soon)
+                self._work.wait(None if wake == math.inf else max(0.0, wake - now))
+                self._wake_at = -math.inf  # awake: it looks at everything before it waits again
+
+    def _soon(self, when: float) -> None:
+        """Under the lock: something is due at ``when``; wakes the dispatcher if it sleeps past it."""
+        if when < self._wake_at:
+            self._wake_at = when
+            self._work.notify()
+
     def _run(self) -> None:
-        """One of ``max_in_flight`` sender threads: a blocking call at a time (gRPC's future calls
-        would add a polling thread that competes with the application for the interpreter)."""
         while True:
+            batch = self._sendq.get()
+            if batch is None:
+                return
+            if id(batch) not in self._unresolved:
+                continue  # failed by close() while it waited here
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:  # the buffer said it is full: nothing goes before its hint
+                time.sleep(pause)
             with self._lock:
-                batch = self._next()
-                if batch is None:
-                    return
                 if self._reconnect:  # a new connection: a draining replica's clients go elsewhere
                     self._reconnect = False
                     self._retire(self._channel)
@@ -407,9 +455,6 @@ class Client:
                 self._send(batch, call)
             except Exception as exc:  # never a silent death: the batch fails, the thread goes on
                 log.exception("sending a batch failed")
-                with self._lock:
-                    self._in_flight -= 1
-                    self._work.notify()
                 self._resolve(batch, error=WriteFailed(None, f"the client could not send the batch: {exc!r}",
                                                        batch.nrows))
             finally:
@@ -428,37 +473,13 @@ class Client:
     def _write_method(channel: grpc.Channel) -> Any:
         return channel.unary_unary(f"/{SERVICE_NAME}/Write", None, pb.WriteResponse.FromString)
 
-    def _next(self) -> _Batch | None:
-        """Under the lock: waits for a batch to send (sealing those past their linger)."""
-        while True:
-            now = time.monotonic()
-            for batch in [b for b in self._open.values() if now - b.created >= self.linger]:
-                self._seal(batch)
-            while self._later and self._later[0][0] <= now:
-                self._ready.append(heapq.heappop(self._later)[2])
-            if self._ready and now >= self._paused_until:
-                self._in_flight += 1
-                batch = self._ready.popleft()
-                if batch.sequence == 0:
-                    self._sequence += 1
-                    batch.sequence = self._sequence
-                return batch
-            if self._stop:
-                return None
-            wake = [b.created + self.linger for b in self._open.values()]
-            if self._later:
-                wake.append(self._later[0][0])
-            if self._ready and self._paused_until > now:
-                wake.append(self._paused_until)
-            self._work.wait(max(0.0, min(wake) - now) if wake else None)
-
     def _send(self, batch: _Batch, call: Any) -> None:
         if batch.request is None:
             lines = FORMATS[batch.format][1]
             batch.request = pb.WriteRequest(
                 table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
                 row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
-                producer=self.producer, sequence=batch.sequence).SerializeToString()
+                producer=self.producer, sequence=next(self._sequence)).SerializeToString()
             batch.parts = []
             batch.deadline = time.monotonic() + self.retry_for
         batch.attempts += 1
@@ -467,12 +488,9 @@ class Client:
         except grpc.RpcError as exc:
             self._failed_attempt(batch, exc)
             return
-        with self._lock:
-            self._in_flight -= 1
-            self._counts["batches_sent"] += 1
-            if reply.duplicate:
+        if reply.duplicate:
+            with self._lock:
                 self._counts["duplicates"] += 1
-            self._work.notify()
         self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):].lower(),
                                  reply.duplicate))
 
@@ -482,22 +500,20 @@ class Client:
         now = time.monotonic()
         wait = 0.0
         with self._lock:
-            self._in_flight -= 1
-            self._work.notify()
             again = now < batch.deadline and not self._stop
             if again and code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
                 wait = int(hint) / 1000 if hint else min(2.0, 0.05 * 2 ** batch.attempts)
                 self._paused_until = max(self._paused_until, now + wait)  # the buffer is full: nothing meanwhile
-                self._ready.appendleft(batch)
+                self._sendq.put(batch)
                 self._counts["resends"] += 1
             elif again and code in RESEND:
                 wait = min(2.0, 0.02 * 2 ** batch.attempts)
                 heapq.heappush(self._later, (now + wait, id(batch), batch))
+                self._soon(now + wait)
                 self._reconnect = self._reconnect or code is grpc.StatusCode.UNAVAILABLE
                 self._counts["resends"] += 1
             else:
-                self._counts["batches_sent"] += 1
                 again = False
         if again:
             log.info("%s: %s; resending %d rows in %gs", code.name, message, batch.nrows, wait)
@@ -509,6 +525,19 @@ class Client:
         with self._lock:
             if self._unresolved.pop(id(batch), None) is None:
                 return  # resolved already (close() failed it while its call was out)
+            if batch.request is not None:
+                self._counts["batches_sent"] += 1
+            if batch.sealed:
+                out = self._out
+                out[batch.key] -= 1
+                if out[batch.key] <= 0:
+                    del out[batch.key]
+                    waiting = self._open.get(batch.key)  # it lingered behind this one: its turn now
+                    if waiting is not None:
+                        if time.monotonic() - waiting.created >= self.linger:
+                            self._seal(waiting)
+                        else:
+                            self._soon(waiting.created + self.linger)
             self._reserved_rows -= batch.reserved_rows
             self._reserved_bytes -= batch.reserved_bytes
             self._counts["acknowledged_rows" if error is None else "failed_rows"] += batch.nrows
