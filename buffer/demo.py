@@ -67,13 +67,14 @@ def run_demo(rows: int, data_dir: str) -> int:
             f"(readyz, metrics), ClickHouse: embedded chDB in {os.path.join(data_dir, 'chdb')}, write-ahead log in "
             f"{os.path.join(data_dir, 'wal')}")
         payload = demo_rows(rows)
-        say(f"sending {rows:,} JSONEachRow rows ({len(payload) / 1e6:.1f} MB) to table {TABLE} over one gRPC stream…")
+        say(f"sending {rows:,} JSONEachRow rows ({len(payload) / 1e6:.1f} MB) to table {TABLE} through the client "
+            "library (buffer.client)…")
         summary = await asyncio.to_thread(
             send, f"127.0.0.1:{grpc_port}", TABLE, pb.FORMAT_JSON_EACH_ROW, io.BytesIO(payload),
             total=len(payload), chunk_bytes=256 * 1024, ack=pb.ACK_LEVEL_BUFFERED, row_count=0, flush=True,
             progress=False, timeout=60)
-        say(f"acknowledged {summary['rows']:,} rows in {summary['messages']} messages; flush barrier: "
-            f"{json.dumps(summary['flushed'])}; {summary['rows_per_second']:,} rows/s end to end")
+        say(f"acknowledged {summary['rows_acknowledged']:,} rows in {summary['requests']} requests; flush barrier: "
+            f"{json.dumps(summary['flush'])}; {summary['rows_per_second']:,} rows/s end to end")
         after = int(await asyncio.to_thread(sink.command, f"SELECT count() FROM {TABLE}"))
         say(f"rows in ClickHouse table {TABLE}: {before:,} before, {after:,} now (+{after - before:,})")
         if app.wal is not None:

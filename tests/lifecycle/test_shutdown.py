@@ -217,8 +217,9 @@ def test_send_command_and_drain_command(serve: Callable[..., Serve], chdb_dir: P
                           timeout=60, cwd=ROOT)
     assert sent.returncode == 0, sent.stderr
     summary = _json.loads(sent.stdout)
-    assert summary["rows"] == 30_000 and summary["messages"] > 5
-    assert summary["flushed"] == {"rows_committed": 30_000, "rows_failed": 0}
+    assert summary["rows_sent"] == summary["rows_acknowledged"] == 30_000 and summary["requests"] > 5, summary
+    assert summary["rows_failed"] == 0 and summary["flush"]["committed"] is True
+    assert summary["flush"]["held_rows_failed"] == 0
     piped = subprocess.run([sys.executable, "-m", "buffer", "send", "--table", "events", "--format", "CSV",
                             "--target", s.target], input=b"30000,a\n30001,b", capture_output=True, timeout=60,
                            cwd=ROOT)
