@@ -166,9 +166,9 @@ def _send(args: argparse.Namespace) -> int:
     except SendFailed as exc:
         print(json.dumps(exc.summary))
         s = exc.summary
-        print(f"ingest-buffer send: {exc.error}. Of the {s['rows_sent']:,} rows sent, the buffer acknowledged "
-              f"{s['rows_acknowledged']:,} and {s['rows_failed']:,} failed; the rest of the input was not sent",
-              file=sys.stderr)
+        rest = "" if s.get("input_read_whole") else "; reading the input stopped there"
+        print(f"ingest-buffer send: {exc.error}. Of the {s['rows_sent']:,} rows read and sent, the buffer "
+              f"acknowledged {s['rows_acknowledged']:,} and {s['rows_failed']:,} failed{rest}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"ingest-buffer send: {exc}", file=sys.stderr)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (auto: when it is a terminal)")
     snd.add_argument("--timeout", type=float, default=None,
                      help="seconds each request, the wait for the acknowledgements, and the --flush barrier "
-                          "may each take (default: 60 s a request, 600 s with --ack committed; no bound on the waits)")
+                          "may each take (default: 10 s a request, resent until --retry-for; no bound on the waits)")
     snd.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
                      help="how long a request refused as full, or whose answer was lost, is resent (default 60)")
     snd.set_defaults(func=_send)

@@ -30,10 +30,15 @@ and never lands twice. Resent, with the same key:
 * ``UNAVAILABLE`` (a draining replica, a restarting sidecar, a cut connection), ``DEADLINE_EXCEEDED``
   and ``CANCELLED`` — on a new connection, after a growing pause.
 
-Each batch is retried for at most ``retry_for`` seconds; then, or at once for any other status
+Each batch is retried for at most ``retry_for`` seconds after its first attempt (which may take
+``call_timeout``); then, or at once for any other status
 (a missing table, malformed rows, ``ABORTED`` for a COMMITTED batch that did not commit), its future
 fails. Nothing is dropped silently: :meth:`Client.stats` counts rows written, acknowledged and
 failed, and what is held.
+
+A row over ``max_request_bytes`` (the buffer's ``--max-request-bytes``) raises ``ValueError`` at
+``write``. The futures are shared by the rows of a batch and cannot be cancelled; AsyncClient gives
+each caller a shield of its batch's future.
 
 The client holds at most ``max_rows`` rows and ``max_bytes`` bytes not yet acknowledged. When a
 write would go past them, ``when_full="block"`` (the default) waits up to ``block_timeout`` seconds
@@ -90,9 +95,11 @@ log = logging.getLogger(__name__)
 
 ACK_LEVELS = {"buffered": pb.ACK_LEVEL_BUFFERED, "durable": pb.ACK_LEVEL_DURABLE,
               "committed": pb.ACK_LEVEL_COMMITTED}
-# Format names as ClickHouse spells them (and the enum's), for write(..., format=...).
+# write(..., format=...): ClickHouse's names and the enum's, any case, "_" and "-" ignored, and the
+# usual short names (the ones `ingest-buffer send --format` takes).
 FORMAT_BY_NAME: dict[str, int] = {**{name.lower(): f for f, (name, _) in FORMATS.items()},
-                                  **{pb.Format.Name(f).lower(): f for f in FORMATS}}
+                                  "json": pb.FORMAT_JSON_EACH_ROW, "jsonl": pb.FORMAT_JSON_EACH_ROW,
+                                  "ndjson": pb.FORMAT_JSON_EACH_ROW, "tsv": pb.FORMAT_TSV}
 RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 MAX_REQUEST_BYTES = 16 << 20  # the buffer's default --max-request-bytes
 _DUMPS = orjson.dumps
@@ -109,7 +116,7 @@ class _NoRoom(Exception):
 
 
 class ClientClosed(Exception):
-    """The client was closed: it takes no more rows (or a batch was still unacknowledged at close)."""
+    """The client was closed: it takes no more rows."""
 
 
 class WriteFailed(Exception):
@@ -150,6 +157,7 @@ class _Batch:
         self.reserved_bytes = 0
         self.created = now
         self.future: concurrent.futures.Future[Ack] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()  # shared by all its rows: none of them may cancel it
         self.afuture: asyncio.Future[Ack] | None = None
         self.request: bytes | None = None
         self.attempts = 0
@@ -162,7 +170,8 @@ class Client:
     def __init__(self, target: str, *, ack_level: str = "buffered", linger: float = 0.005,
                  batch_rows: int = 10_000, batch_bytes: int = 1 << 20, max_rows: int = 1_000_000,
                  max_bytes: int = 64 << 20, when_full: str = "block", block_timeout: float = 10.0,
-                 max_in_flight: int = 4, retry_for: float = 60.0, call_timeout: float = 30.0,
+                 max_in_flight: int = 4, retry_for: float = 60.0, call_timeout: float = 10.0,
+                 max_request_bytes: int = MAX_REQUEST_BYTES,
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: tuple[tuple[str, Any], ...] = ()) -> None:
         if ack_level.lower() not in ACK_LEVELS:
@@ -170,9 +179,13 @@ class Client:
         if when_full not in ("block", "raise"):
             raise ValueError(f"when_full {when_full!r} is unknown: use 'block' or 'raise'")
         for name, value in (("batch_rows", batch_rows), ("batch_bytes", batch_bytes), ("max_rows", max_rows),
-                            ("max_bytes", max_bytes), ("max_in_flight", max_in_flight)):
+                            ("max_bytes", max_bytes), ("max_in_flight", max_in_flight),
+                            ("max_request_bytes", max_request_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
+        if batch_bytes > max_request_bytes:
+            raise ValueError(f"batch_bytes {batch_bytes:,} is over max_request_bytes {max_request_bytes:,} (the "
+                             "buffer's --max-request-bytes): the buffer would refuse every full batch")
         if linger < 0 or block_timeout < 0 or retry_for < 0 or call_timeout <= 0:
             raise ValueError("linger, block_timeout and retry_for must be >= 0 and call_timeout > 0")
         self.target = target
@@ -187,10 +200,12 @@ class Client:
         self.max_in_flight = max_in_flight
         self.retry_for = retry_for
         self.call_timeout = call_timeout
+        self.max_request_bytes = max_request_bytes
         self.producer = uuid.uuid4().hex  # the resend key's first half; the sequence is the second
         self._credentials = credentials
         # A sidecar restarts in seconds: reconnect within 2 s, not gRPC's default of up to 2 minutes.
-        self._options = (("grpc.max_send_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
+        # No gRPC limit on what is sent: the buffer's own limit, checked at write(), is the one that counts.
+        self._options = (("grpc.max_send_message_length", -1), ("grpc.initial_reconnect_backoff_ms", 100),
                          ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000),
                          *channel_options)
         self._lock = threading.Lock()
@@ -206,6 +221,7 @@ class Client:
         self._paused_until = 0.0
         self._sequence = itertools.count(1)  # the resend key's second half (next() is atomic)
         self._closed = False
+        self._closed_ok = False  # what close() returned
         self._stop = False
         self._reconnect = False
         # Room taken: a reservation for each open batch (a whole batch's worth, so a row costs no
@@ -236,14 +252,14 @@ class Client:
         data = _DUMPS(row, option=_NEWLINE)
         with self._lock:
             batch = self._open.get(table)
-            if batch is None:
-                batch = self._open_batch(table, _JSON, len(data), 1, self.block)
-            batch.parts.append(data)
-            batch.nrows += 1
-            batch.nbytes += len(data)
-            if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
-                self._seal(batch)
-            return batch.future
+            if batch is not None and batch.nbytes + len(data) <= batch.reserved_bytes:
+                batch.parts.append(data)
+                batch.nrows += 1
+                batch.nbytes += len(data)
+                if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
+                    self._seal(batch)
+                return batch.future
+        return self._append(table, _JSON, data, 1, self.block).future  # a new batch (it may wait for room)
 
     def _checked(self, table: str, row: Any, format: str | int | None, rows: int | None) -> tuple[bytes, int, int]:
         if isinstance(row, dict):  # a dict subclass
@@ -255,11 +271,11 @@ class Client:
         elif isinstance(format, int):
             fmt = format
         else:
-            key = format.lower().replace("format_", "", 1) if format.lower().startswith("format_") else format.lower()
-            fmt = FORMAT_BY_NAME.get(key) or FORMAT_BY_NAME.get(f"format_{key}") or -1
+            key = format.lower().replace("_", "").replace("-", "")
+            fmt = FORMAT_BY_NAME.get(key.removeprefix("format")) or -1
         data = bytes(row)
         try:
-            _, n, _ = check_request(table, fmt, data, rows or 0, MAX_REQUEST_BYTES, 1 << 62)
+            _, n, _ = check_request(table, fmt, data, rows or 0, self.max_request_bytes, 1 << 62)
         except InvalidRequest as exc:
             raise ValueError(exc.message) from None
         return data, fmt, n
@@ -267,6 +283,9 @@ class Client:
     def _append(self, table: str, fmt: int, data: bytes, n: int, block: bool | None) -> _Batch:
         """Adds rows to their open batch; ``block`` None only probes for room (raises _NoRoom)."""
         size = len(data)
+        if size > self.max_request_bytes:
+            raise ValueError(f"the row is {size:,} bytes encoded, over max_request_bytes ({self.max_request_bytes:,}, "
+                             "the buffer's --max-request-bytes): it could never be sent")
         with self._lock:
             batch = self._open.get(table if fmt == _JSON else (table, fmt))
             if batch is None or batch.nrows + n > batch.reserved_rows or batch.nbytes + size > batch.reserved_bytes:
@@ -281,12 +300,20 @@ class Client:
             return batch
 
     def _open_batch(self, table: str, fmt: int, size: int, n: int, block: bool | None) -> _Batch:
-        """Under the lock: a new open batch, once there is room to reserve for it (or raises)."""
-        rows = max(n, self.batch_rows)
-        nbytes = max(size, self.batch_bytes)
-        if self._closed or self._reserved_rows + rows > self.max_rows or self._reserved_bytes + nbytes > self.max_bytes:
-            self._wait_room(rows, nbytes, n, block)
-        batch = _Batch(table, fmt, time.monotonic(), self.batch_rows, self.batch_bytes)
+        """Under the lock: a new open batch, once there is room for these rows (or raises). It reserves
+        a whole batch's room, or half of what is left when that is less (then it is full sooner)."""
+        if self._closed or self._reserved_rows + n > self.max_rows or self._reserved_bytes + size > self.max_bytes:
+            self._wait_room(n, size, n, block)
+            # While it waited (the lock released), another writer may have opened this key's batch.
+            other = self._open.get(table if fmt == _JSON else (table, fmt))
+            if other is not None:
+                if other.nrows + n <= other.reserved_rows and other.nbytes + size <= other.reserved_bytes:
+                    return other
+                self._seal(other)
+        # A whole batch, or half the room left when that is less: other tables still find room.
+        rows = max(n, min(self.batch_rows, (self.max_rows - self._reserved_rows) // 2))
+        nbytes = max(size, min(self.batch_bytes, (self.max_bytes - self._reserved_bytes) // 2))
+        batch = _Batch(table, fmt, time.monotonic(), rows, nbytes)
         self._open[batch.key] = batch
         batch.reserved_rows, batch.reserved_bytes = rows, nbytes
         self._reserved_rows += rows
@@ -297,7 +324,7 @@ class Client:
         return batch
 
     def _wait_room(self, rows: int, nbytes: int, n: int, block: bool | None) -> None:
-        """Under the lock: returns once a batch of ``rows`` and ``nbytes`` fits, or raises."""
+        """Under the lock: returns once ``rows`` and ``nbytes`` fit, or raises."""
         end = time.monotonic() + self.block_timeout
         while not self._closed:
             if (self._reserved_rows + rows <= self.max_rows and self._reserved_bytes + nbytes <= self.max_bytes) or (
@@ -309,9 +336,9 @@ class Client:
             if not block or left <= 0:
                 self._counts["refused_rows"] += n
                 held_rows, held_bytes = self._held()
-                raise ClientFull(f"the client holds {held_rows:,} rows and {held_bytes:,} bytes not yet acknowledged "
-                                 f"(max_rows {self.max_rows:,}, max_bytes {self.max_bytes:,})"
-                                 + (f" and none left within block_timeout {self.block_timeout:g}s" if block else "")
+                raise ClientFull(f"the client holds {held_rows:,} rows and {held_bytes:,} bytes the buffer has not "
+                                 f"acknowledged yet (max_rows {self.max_rows:,}, max_bytes {self.max_bytes:,})"
+                                 + (f", and no room came within block_timeout {self.block_timeout:g}s" if block else "")
                                  + ": the buffer is not keeping up, or is unreachable")
             self._room.wait(left)
         raise ClientClosed("the client is closed")
@@ -333,11 +360,15 @@ class Client:
         ok = not not_done and all(f.exception() is None for f in done)
         if ok and committed:
             left = None if end is None else max(0.0, end - time.monotonic())
+            if self._stop:
+                return False  # closed: no channel to ask on
             try:
                 reply = self._channel.unary_unary(f"/{SERVICE_NAME}/Flush", pb.FlushRequest.SerializeToString,
                                                   pb.FlushResponse.FromString)(pb.FlushRequest(), timeout=left)
             except grpc.RpcError as exc:
                 log.warning("the buffer's Flush failed: %s: %s", exc.code().name, exc.details())
+                return False
+            except ValueError:  # the channel was closed meanwhile
                 return False
             self.last_barrier = reply
             ok = reply.rows_failed == 0
@@ -345,27 +376,34 @@ class Client:
 
     def close(self, timeout: float | None = None) -> bool:
         """Flushes (up to ``timeout``), then stops: a batch still unacknowledged fails with
-        :class:`ClientClosed`, counted in ``failed_rows``. True when everything was acknowledged."""
+        :class:`WriteFailed` (``code`` None), counted in ``failed_rows``; later writes raise
+        :class:`ClientClosed`. True when everything was acknowledged (a second call: what the
+        first returned)."""
         with self._lock:
             if self._closed and self._stop:
-                return not self._unresolved
+                return self._closed_ok
             self._closed = True
             self._room.notify_all()
+        end = None if timeout is None else time.monotonic() + timeout
         ok = self.flush(timeout)
         with self._lock:
             self._stop = True
+            self._closed_ok = ok
             left = list(self._unresolved.values())
             self._open.clear()
             self._later.clear()
             self._work.notify_all()
+            channels = [self._channel, *self._users]
         for _ in range(self.max_in_flight):
             self._sendq.put(None)
         for batch in left:
             self._resolve(batch, error=WriteFailed(None, "the client was closed before the buffer acknowledged "
                                                    "this batch (if it was on its way, it may still land)", batch.nrows))
+        for channel in channels:  # calls still out end at once (CANCELLED), so the threads can stop
+            channel.close()
         for thread in self._threads:
-            thread.join(5)
-        self._channel.close()
+            if thread is not threading.current_thread():  # close() from a future's callback
+                thread.join(None if end is None else max(0.1, end - time.monotonic()))
         return ok
 
     def stats(self) -> dict[str, int]:
@@ -444,6 +482,8 @@ class Client:
             if pause > 0:  # the buffer said it is full: nothing goes before its hint
                 time.sleep(pause)
             with self._lock:
+                if self._stop:
+                    continue  # closed: close() failed what was left
                 if self._reconnect:  # a new connection: a draining replica's clients go elsewhere
                     self._reconnect = False
                     self._retire(self._channel)
@@ -454,7 +494,8 @@ class Client:
             try:
                 self._send(batch, call)
             except Exception as exc:  # never a silent death: the batch fails, the thread goes on
-                log.exception("sending a batch failed")
+                if not self._stop:  # (after close, its channel is closed under it)
+                    log.exception("sending a batch failed")
                 self._resolve(batch, error=WriteFailed(None, f"the client could not send the batch: {exc!r}",
                                                        batch.nrows))
             finally:
@@ -518,7 +559,8 @@ class Client:
         if again:
             log.info("%s: %s; resending %d rows in %gs", code.name, message, batch.nrows, wait)
             return
-        log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
+        if id(batch) in self._unresolved:  # (not one close() failed already)
+            log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
         self._resolve(batch, error=WriteFailed(code, message, batch.nrows))
 
     def _resolve(self, batch: _Batch, ack: Ack | None = None, error: WriteFailed | None = None) -> None:
@@ -570,7 +612,9 @@ class AsyncClient:
             batch = await asyncio.to_thread(client._append, table, fmt, data, n, client.block)
         if batch.afuture is None:
             batch.afuture = asyncio.wrap_future(batch.future)
-        return batch.afuture
+        # Shared by the batch's rows: each caller gets a shield of it, so a caller's timeout
+        # (asyncio.wait_for) or cancel leaves the others' acknowledgement alone.
+        return asyncio.shield(batch.afuture)
 
     async def flush(self, timeout: float | None = None, *, committed: bool = False) -> bool:
         """See :meth:`Client.flush`."""

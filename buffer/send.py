@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
-from buffer.client import Ack, Client, WriteFailed
+from buffer.client import Ack, Client, ClientFull, WriteFailed
 
 
 class SendFailed(Exception):
@@ -162,10 +162,12 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
             failed.append(error)
 
     _resends_on_stderr()
+    # The buffer's --max-request-bytes decides what is too large (its refusal names it), not a guess here.
     client = Client(target, ack_level=ACK_NAMES[ack], batch_bytes=max(chunk_bytes, 1), linger=0.05,
-                    max_bytes=max(64 << 20, 4 * chunk_bytes), retry_for=retry_for,
-                    call_timeout=timeout if timeout else 600.0 if ack == pb.ACK_LEVEL_COMMITTED else 60.0)
+                    max_bytes=max(64 << 20, 4 * chunk_bytes), retry_for=retry_for, block_timeout=retry_for,
+                    call_timeout=timeout or 10.0, max_request_bytes=max(1 << 30, chunk_bytes))
     summary: dict[str, object] = {"table": table, "format": name, "ack_level": ACK_NAMES[ack]}
+    complete = False
     try:
         if is_lines:
             for payload, rows in chunks(stream, chunk_bytes, csv=name == "CSV", on_unterminated=lambda: print(
@@ -174,14 +176,21 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
                     file=sys.stderr)):
                 if failed:
                     break  # a request failed for good: stop reading, wait for what went before it
-                client.write(table, payload, format=fmt).add_done_callback(note)
+                try:
+                    client.write(table, payload, format=fmt).add_done_callback(note)
+                except ClientFull as exc:  # nothing acknowledged for --retry-for: the buffer is unreachable
+                    failed.append(WriteFailed(None, str(exc), 0))
+                    break
                 bar.update(len(payload), rows)
+            else:
+                complete = True
         else:
             if not row_count:
                 raise ValueError(f"{name} rows cannot be counted without decoding: pass --row-count N")
             payload = stream.read()
             client.write(table, payload, format=fmt, rows=row_count).add_done_callback(note)
             bar.update(len(payload), row_count)
+            complete = True
         acknowledged = client.flush(timeout)
         if acknowledged and flush:
             summary["flush"] = _barrier(client, timeout)
@@ -191,7 +200,7 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
         stats = client.stats()
         summary.update({"rows_sent": stats["written_rows"], "rows_acknowledged": stats["acknowledged_rows"],
                         "rows_failed": stats["failed_rows"], "requests": stats["batches_sent"],
-                        "resends": stats["resends"]})
+                        "resends": stats["resends"], "input_read_whole": complete})
         elapsed = time.monotonic() - bar.started
         summary["seconds"] = round(elapsed, 3)
         summary["rows_per_second"] = round(stats["acknowledged_rows"] / elapsed) if elapsed > 0 else None

@@ -51,8 +51,9 @@ STATUS: dict[type[Refusal], grpc.StatusCode] = {
 # up and writes are refused as if full), and how often a write waiting for room looks again.
 BACKLOG_BYTES = 32 << 20
 ROOM_POLL = 0.05
-# Writes keyed by (producer, sequence) remembered for resends: the newest this many (plus any still
-# being handled). A client resends within seconds; at 1,000 keyed batches/s this covers 16 s.
+# Writes keyed by (producer, sequence) remembered for resends: at most this many (about 1 KiB each),
+# the oldest answered ones forgotten first; one still being handled is never forgotten. A client
+# resends within seconds; at 1,000 keyed batches/s this covers 16 s.
 REMEMBERED_WRITES = 16_384
 MAX_PRODUCER = 64
 _COMMITTED = pb.ACK_LEVEL_COMMITTED
@@ -343,11 +344,16 @@ class IngestService:
                 del self._keyed[key]
             return
         keyed = self._keyed
-        while len(keyed) > REMEMBERED_WRITES:
-            oldest = next(iter(keyed))
-            if not keyed[oldest].done():
-                break
-            del keyed[oldest]
+        excess = len(keyed) - REMEMBERED_WRITES
+        if excess > 0:  # forget the oldest answered ones; one still being handled (a long COMMITTED wait) stays
+            forget = []
+            for old, handling in keyed.items():
+                if handling.done():
+                    forget.append(old)
+                    if len(forget) == excess:
+                        break
+            for old in forget:
+                del keyed[old]
 
     async def WriteStream(self, request_iterator: AsyncIterator[bytes],
                           context: aio.ServicerContext[Any, Any]) -> pb.WriteStreamResponse:

@@ -258,3 +258,76 @@ def test_bad_rows_are_refused_at_write_with_the_buffers_own_message() -> None:
     c.write("t", b"\x01\x00\x02\x00", format="RowBinary", rows=2)
     assert c.flush(5) and c.stats()["acknowledged_rows"] == 2
     c.close()
+
+
+def test_writers_that_waited_for_room_share_one_batch_and_none_is_left_behind() -> None:
+    gate = Gate()
+    c = client(FakeChannel(gate), batch_rows=10, max_rows=20, linger=0)
+    for i in range(20):
+        c.write("t", {"id": i})
+    waiting = [threading.Thread(target=c.write, args=("t", {"id": 100 + k})) for k in range(3)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.2)  # all three wait for room
+    gate.open.set()
+    for t in waiting:
+        t.join(5)
+    assert c.flush(5), c.stats()
+    stats = c.stats()
+    assert stats["acknowledged_rows"] == stats["written_rows"] == 23 and stats["held_rows"] == 0
+    c.close()
+
+
+def test_a_shared_future_cannot_be_cancelled_by_one_of_its_rows() -> None:
+    c = client(FakeChannel(), linger=60)
+    future = c.write("t", {"id": 1})
+    assert not future.cancel()
+    assert c.close(5) and future.result(0).rows == 1
+
+
+def test_a_row_too_large_for_any_request_is_refused_at_write_and_blocks_nothing() -> None:
+    channel = FakeChannel()
+    c = client(channel, max_request_bytes=1000, batch_bytes=1000)
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        c.write("t", {"s": "x" * 2000})
+    with pytest.raises(ValueError, match="batch_bytes"):
+        Client("fake:0", batch_bytes=2000, max_request_bytes=1000)
+    c.write("t", {"id": 1})
+    assert c.flush(5) and sum(channel.rows()) == 1
+    c.close()
+
+
+def test_a_second_table_opens_its_batch_with_the_room_that_is_left() -> None:
+    """Room is reserved a batch at a time: a second table's first row gets what is left, not a refusal."""
+    gate = Gate()
+    c = client(FakeChannel(gate), batch_rows=10_000, max_rows=10_000, when_full="raise", linger=60)
+    c.write("a", {"id": 1})
+    c.write("b", {"id": 2})  # not refused: "a" took half the room
+    with pytest.raises(ClientFull):
+        for i in range(10_000):
+            c.write("a", {"id": i})
+    assert 7_000 <= c.stats()["held_rows"] <= 10_000
+    gate.open.set()
+    assert c.flush(5)
+    c.close()
+
+
+async def test_an_async_callers_timeout_leaves_the_batchs_other_rows_acknowledged() -> None:
+    import asyncio
+
+    from buffer.client import AsyncClient
+
+    gate = Gate()
+
+    class Faked(AsyncClient):
+        def __init__(self) -> None:
+            self._client = client(FakeChannel(gate), linger=0)
+
+    c = Faked()
+    first = await c.write("t", {"id": 1})
+    second = await c.write("t", {"id": 2})
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(first, 0.05)
+    gate.open.set()
+    assert (await asyncio.wait_for(second, 5)).rows == 2
+    await c.close()

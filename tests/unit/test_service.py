@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 
 from buffer import refusals
 from buffer._proto.ingestbuffer.v1 import ingest_pb2 as pb
@@ -76,3 +77,25 @@ async def test_a_full_buffer_answers_with_a_retry_hint_and_a_stream_says_what_it
     assert reply == pb.WriteStreamResponse() and ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ctx.details.startswith("message 1 of the stream: buffer full")
     assert dict(ctx.trailers) == {RETRY_AFTER_KEY: "500", ACCEPTED_MESSAGES_KEY: "0"}
+
+
+async def test_keyed_writes_are_forgotten_past_the_window_even_behind_one_still_handled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first write that waits long (a COMMITTED one for a held table) must not stop the others going."""
+    import asyncio
+
+    import buffer.service as service
+
+    monkeypatch.setattr(service, "REMEMBERED_WRITES", 5)
+    svc = service.IngestService.__new__(service.IngestService)
+    svc._keyed = {}
+    loop = asyncio.get_running_loop()
+    slow: asyncio.Future[object] = loop.create_future()  # never answered during the test
+    svc._keyed[("p", 0)] = slow  # type: ignore[assignment]
+    for k in range(1, 101):
+        done: asyncio.Future[object] = loop.create_future()
+        done.set_result(object())
+        svc._keyed[("p", k)] = done  # type: ignore[assignment]
+        svc._keyed_done(("p", k), done)  # type: ignore[arg-type]
+    assert len(svc._keyed) == 5 and ("p", 0) in svc._keyed and ("p", 100) in svc._keyed
+    slow.cancel()
