@@ -128,8 +128,8 @@ def thread_cpu() -> dict[str, float]:
         name = names.get(int(task.name), "gRPC and other native threads")
         if name == "MainThread":
             name = "application thread"
-        elif name.startswith("ingest-buffer-client-") and name[-1].isdigit():
-            name = "client sender threads"
+        elif name.startswith("Thread-") and name.endswith("(_run)"):
+            name = "gRPC's request threads"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 

@@ -20,17 +20,19 @@ and batched the same way.
 A batch is sent when it reaches ``batch_rows`` or ``batch_bytes``, or ``linger`` seconds after its
 first row — but while an earlier batch of its table and format is still unanswered, it keeps
 filling until that answer comes (as Nagle's algorithm does for packets), so under load batches grow
-with the round trip instead of the call rate. Batches go as unary ``Write`` calls by
-``max_in_flight`` background threads (one call each at a time). Each batch carries the client's
+with the round trip instead of the call rate. Batches go out on one long-lived ``WriteBatches``
+stream, which answers each request on its own (at most ``max_in_flight`` unanswered): a stream
+message costs a Python client a fraction of a unary call. Each batch carries the client's
 ``producer`` id and a sequence number, so a resend is answered by the buffer with the first reply
 and never lands twice. Resent, with the same key:
 
 * ``RESOURCE_EXHAUSTED`` (the buffer is full) — after the ``retry-after-ms`` hint; nothing is sent
   meanwhile;
-* ``UNAVAILABLE`` (a draining replica, a restarting sidecar, a cut connection), ``DEADLINE_EXCEEDED``
-  and ``CANCELLED`` — on a new connection, after a growing pause.
+* ``UNAVAILABLE`` (a draining replica, a restarting sidecar), a stream that broke (a cut
+  connection: what it had unanswered), or one that left a batch unanswered for ``call_timeout`` —
+  on a new stream over a new connection, after a growing pause.
 
-Each batch is retried for at most ``retry_for`` seconds after its first attempt (which may take
+Each batch is resent for at most ``retry_for`` seconds after its first attempt (which may take
 ``call_timeout``); then, or at once for any other status
 (a missing table, malformed rows, ``ABORTED`` for a COMMITTED batch that did not commit), its future
 fails. Nothing is dropped silently: :meth:`Client.stats` counts rows written, acknowledged and
@@ -84,7 +86,7 @@ from typing import Any
 import grpc
 import orjson
 
-from buffer.api import FORMATS, RETRY_AFTER_KEY, SERVICE_NAME
+from buffer.api import FORMATS, SERVICE_NAME
 from buffer.api import ingest_pb2 as pb
 from buffer.framing import check_request
 from buffer.refusals import InvalidRequest
@@ -100,6 +102,7 @@ ACK_LEVELS = {"buffered": pb.ACK_LEVEL_BUFFERED, "durable": pb.ACK_LEVEL_DURABLE
 FORMAT_BY_NAME: dict[str, int] = {**{name.lower(): f for f, (name, _) in FORMATS.items()},
                                   "json": pb.FORMAT_JSON_EACH_ROW, "jsonl": pb.FORMAT_JSON_EACH_ROW,
                                   "ndjson": pb.FORMAT_JSON_EACH_ROW, "tsv": pb.FORMAT_TSV}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 MAX_REQUEST_BYTES = 16 << 20  # the buffer's default --max-request-bytes
 _DUMPS = orjson.dumps
@@ -142,7 +145,8 @@ class Ack:
 
 class _Batch:
     __slots__ = ("afuture", "attempts", "created", "deadline", "format", "full_bytes", "full_rows", "future", "key",
-                 "nbytes", "nrows", "parts", "request", "reserved_bytes", "reserved_rows", "sealed", "table")
+                 "nbytes", "nrows", "parts", "request", "reserved_bytes", "reserved_rows", "sealed", "sent_at",
+                 "sequence", "table")
 
     def __init__(self, table: str, fmt: int, now: float, full_rows: int, full_bytes: int) -> None:
         self.table = table
@@ -161,7 +165,21 @@ class _Batch:
         self.afuture: asyncio.Future[Ack] | None = None
         self.request: bytes | None = None
         self.attempts = 0
+        self.sequence = 0  # the resend key's second half, set when first sent
+        self.sent_at = 0.0  # when it last went out
         self.deadline = 0.0  # when resending stops (set at the first send)
+
+
+class _Stream:
+    """One WriteBatches stream: the requests it is to send, and those sent and not yet answered."""
+
+    __slots__ = ("call", "closed", "inflight", "requests")
+
+    def __init__(self) -> None:
+        self.call: Any = None  # gRPC's call: an iterator of answers, with cancel()
+        self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.inflight: dict[int, _Batch] = {}  # by sequence
+        self.closed = False  # takes no more requests
 
 
 class Client:
@@ -232,10 +250,12 @@ class Client:
         self.last_barrier: pb.FlushResponse | None = None  # the reply of the last flush(committed=True)
         self._channel = self._connect()
         self._call = self._write_method(self._channel)
-        self._users = collections.Counter[grpc.Channel]()  # calls out on each channel
-        self._threads = [threading.Thread(target=self._run, name=f"ingest-buffer-client-{k}", daemon=True)
-                         for k in range(max_in_flight)]
-        self._threads.append(threading.Thread(target=self._dispatch, name="ingest-buffer-client-linger", daemon=True))
+        self._stream: _Stream | None = None  # the WriteBatches stream open now
+        self._streamed = threading.Condition(self._lock)  # a new stream is open
+        self._slots = threading.BoundedSemaphore(max_in_flight)  # batches out and unanswered
+        self._threads = [threading.Thread(target=self._run, name="ingest-buffer-client-stream", daemon=True),
+                         threading.Thread(target=self._feed, name="ingest-buffer-client-feed", daemon=True),
+                         threading.Thread(target=self._dispatch, name="ingest-buffer-client-linger", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -393,9 +413,11 @@ class Client:
             self._open.clear()
             self._later.clear()
             self._work.notify_all()
-            channels = [self._channel, *self._users]
-        for _ in range(self.max_in_flight):
-            self._sendq.put(None)
+            channels = [self._channel]
+            self._streamed.notify_all()
+            if self._stream is not None:
+                self._stream.requests.put(None)
+        self._sendq.put(None)
         for batch in left:
             self._resolve(batch, error=WriteFailed(None, "the client was closed before the buffer acknowledged "
                                                    "this batch (if it was on its way, it may still land)", batch.nrows))
@@ -426,10 +448,11 @@ class Client:
 
     # ----- the background threads ----------------------------------------------------------
     #
-    # One dispatcher seals batches past their linger and releases resends when their time comes; the
-    # sender threads take sealed batches from a queue, one blocking call each at a time (gRPC's future
-    # calls would add a polling thread that competes with the application for the interpreter). The
-    # application's lock is taken by them only to seal, to count an outcome, or to reconnect.
+    # The dispatcher seals batches past their linger, releases resends when their time comes, and
+    # gives up a stream that leaves a batch unanswered for call_timeout. The feeder takes sealed
+    # batches from a queue and puts them on the stream; the stream thread reads the answers and, when
+    # the stream ends, resends what it had unanswered on the next. The application's lock is taken by
+    # them only to seal, to count an outcome, or to switch streams.
 
     def _seal(self, batch: _Batch) -> None:
         """Under the lock: the batch takes no more rows and goes to the senders."""
@@ -459,8 +482,18 @@ class Client:
                         self._seal(batch)
                 while self._later and self._later[0][0] <= now:
                     self._sendq.put(heapq.heappop(self._later)[2])
+                stream = self._stream
+                overdue = math.inf
+                if stream is not None and stream.inflight and not stream.closed:
+                    overdue = min(b.sent_at for b in stream.inflight.values()) + self.call_timeout
+                    if overdue <= now and stream.call is not None:
+                        # Unanswered for call_timeout: give the stream up; _run resends what it had.
+                        stream.closed = True
+                        stream.call.cancel()
+                        self._reconnect = True
+                        overdue = math.inf
                 wake = min([b.created + self.linger for b in lingering if b.key in self._open]
-                           + ([self._later[0][0]] if self._later else []), default=math.inf)
+                           + ([self._later[0][0]] if self._later else []) + [overdue], default=math.inf)
                 self._wake_at = wake  # a new batch or resend due sooner notifies (_soon)
                 self._work.wait(None if wake == math.inf else max(0.0, wake - now))
                 self._wake_at = -math.inf  # awake: it looks at everything before it waits again
@@ -471,7 +504,8 @@ class Client:
             self._wake_at = when
             self._work.notify()
 
-    def _run(self) -> None:
+    def _feed(self) -> None:
+        """Puts sealed batches on the current stream, at most ``max_in_flight`` unanswered."""
         while True:
             batch = self._sendq.get()
             if batch is None:
@@ -481,70 +515,103 @@ class Client:
             pause = self._paused_until - time.monotonic()
             if pause > 0:  # the buffer said it is full: nothing goes before its hint
                 time.sleep(pause)
+            self._slots.acquire()  # released when its answer comes, or its stream ends
+            if batch.request is None:
+                lines = FORMATS[batch.format][1]
+                batch.sequence = next(self._sequence)
+                batch.request = pb.WriteBatchesRequest(
+                    table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
+                    row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
+                    producer=self.producer, sequence=batch.sequence).SerializeToString()
+                batch.parts = []
+                batch.deadline = time.monotonic() + self.retry_for
+            with self._lock:
+                while not self._stop and (self._stream is None or self._stream.closed):
+                    self._streamed.wait()  # the stream is being replaced
+                if self._stop:
+                    self._slots.release()
+                    continue
+                stream = self._stream
+                assert stream is not None
+                stream.inflight[batch.sequence] = batch
+                batch.attempts += 1
+                batch.sent_at = time.monotonic()
+                stream.requests.put(batch.request)
+                self._soon(batch.sent_at + self.call_timeout)  # unanswered by then: the stream is given up
+
+    def _run(self) -> None:
+        """Keeps one WriteBatches stream open and reads its answers; when it ends, what it had
+        unanswered is resent (with its key) on the next one."""
+        pause = 0.0
+        while True:
             with self._lock:
                 if self._stop:
-                    continue  # closed: close() failed what was left
+                    return
                 if self._reconnect:  # a new connection: a draining replica's clients go elsewhere
                     self._reconnect = False
-                    self._retire(self._channel)
-                    self._channel = self._connect()
+                    old, self._channel = self._channel, self._connect()
                     self._call = self._write_method(self._channel)
-                channel, call = self._channel, self._call
-                self._users[channel] += 1
+                    old.close()
+                stream = self._stream = _Stream()
+                stream.call = self._call(iter(stream.requests.get, None), wait_for_ready=True)
+                self._streamed.notify_all()
+            code, message = grpc.StatusCode.UNAVAILABLE, "the stream ended"
             try:
-                self._send(batch, call)
-            except Exception as exc:  # never a silent death: the batch fails, the thread goes on
-                if not self._stop:  # (after close, its channel is closed under it)
-                    log.exception("sending a batch failed")
-                self._resolve(batch, error=WriteFailed(None, f"the client could not send the batch: {exc!r}",
-                                                       batch.nrows))
-            finally:
-                with self._lock:
-                    self._users[channel] -= 1
-                    if channel is not self._channel:
-                        self._retire(channel)
+                for answer in stream.call:
+                    pause = 0.0
+                    self._answered(stream, answer)
+            except grpc.RpcError as exc:
+                code, message = exc.code(), exc.details() or ""
+            except ValueError:  # the channel was closed (by close())
+                code, message = grpc.StatusCode.CANCELLED, "the client was closed"
+            with self._lock:
+                stream.closed = True
+                left = list(stream.inflight.values())
+                stream.inflight.clear()
+            stream.requests.put(None)
+            for batch in left:
+                self._slots.release()
+                self._retry_or_fail(batch, code, message, 0)
+            if code is not grpc.StatusCode.CANCELLED:  # a broken or refused connection: a new one
+                self._reconnect = True
+            if not self._stop:
+                time.sleep(pause)  # a stream that fails at once: do not spin
+                pause = min(2.0, max(0.05, pause * 2))
 
-    def _retire(self, channel: grpc.Channel) -> None:
-        """Under the lock: closes a replaced channel once no thread has a call on it."""
-        if self._users[channel] <= 0:
-            del self._users[channel]
-            channel.close()
+    def _answered(self, stream: _Stream, answer: pb.WriteBatchesResponse) -> None:
+        with self._lock:
+            batch = stream.inflight.pop(answer.sequence, None)
+        if batch is None:
+            return  # not one of ours (a stray answer): nothing waits for it
+        self._slots.release()
+        if answer.HasField("ok"):
+            reply = answer.ok
+            if reply.duplicate:
+                with self._lock:
+                    self._counts["duplicates"] += 1
+            self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):]
+                                     .lower(), reply.duplicate))
+        else:
+            self._retry_or_fail(batch, _CODES.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message,
+                                answer.retry_after_ms)
+            if answer.code == grpc.StatusCode.UNAVAILABLE.value[0]:  # draining: go elsewhere
+                with self._lock:
+                    self._reconnect = True
+                    if not stream.closed:
+                        stream.closed = True  # ends it once its answers are in; the next goes out anew
+                        stream.requests.put(None)
 
     @staticmethod
     def _write_method(channel: grpc.Channel) -> Any:
-        return channel.unary_unary(f"/{SERVICE_NAME}/Write", None, pb.WriteResponse.FromString)
+        return channel.stream_stream(f"/{SERVICE_NAME}/WriteBatches", None, pb.WriteBatchesResponse.FromString)
 
-    def _send(self, batch: _Batch, call: Any) -> None:
-        if batch.request is None:
-            lines = FORMATS[batch.format][1]
-            batch.request = pb.WriteRequest(
-                table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
-                row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
-                producer=self.producer, sequence=next(self._sequence)).SerializeToString()
-            batch.parts = []
-            batch.deadline = time.monotonic() + self.retry_for
-        batch.attempts += 1
-        try:
-            reply = call(batch.request, timeout=self.call_timeout, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            self._failed_attempt(batch, exc)
-            return
-        if reply.duplicate:
-            with self._lock:
-                self._counts["duplicates"] += 1
-        self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):].lower(),
-                                 reply.duplicate))
-
-    def _failed_attempt(self, batch: _Batch, exc: grpc.RpcError) -> None:
-        code = exc.code()
-        message = exc.details() or ""
+    def _retry_or_fail(self, batch: _Batch, code: grpc.StatusCode, message: str, retry_after_ms: int) -> None:
         now = time.monotonic()
         wait = 0.0
         with self._lock:
-            again = now < batch.deadline and not self._stop
+            again = now < batch.deadline and not self._stop and id(batch) in self._unresolved
             if again and code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
-                wait = int(hint) / 1000 if hint else min(2.0, 0.05 * 2 ** batch.attempts)
+                wait = retry_after_ms / 1000 if retry_after_ms else min(2.0, 0.05 * 2 ** batch.attempts)
                 self._paused_until = max(self._paused_until, now + wait)  # the buffer is full: nothing meanwhile
                 self._sendq.put(batch)
                 self._counts["resends"] += 1
@@ -552,14 +619,13 @@ class Client:
                 wait = min(2.0, 0.02 * 2 ** batch.attempts)
                 heapq.heappush(self._later, (now + wait, id(batch), batch))
                 self._soon(now + wait)
-                self._reconnect = self._reconnect or code is grpc.StatusCode.UNAVAILABLE
                 self._counts["resends"] += 1
             else:
                 again = False
         if again:
             log.info("%s: %s; resending %d rows in %gs", code.name, message, batch.nrows, wait)
             return
-        if id(batch) in self._unresolved:  # (not one close() failed already)
+        if id(batch) in self._unresolved and not self._stop:
             log.warning("a batch of %d rows for %s failed: %s: %s", batch.nrows, batch.table, code.name, message)
         self._resolve(batch, error=WriteFailed(code, message, batch.nrows))
 

@@ -390,6 +390,49 @@ class IngestService:
             await self._refuse(context, refusal, ((ACCEPTED_MESSAGES_KEY, str(messages)),))
             return pb.WriteStreamResponse()
 
+    async def WriteBatches(self, request_iterator: AsyncIterator[bytes],
+                           context: aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.WriteBatchesResponse]:
+        """Each request handled as a Write of its own, concurrently, answered as soon as it is done."""
+        answers: asyncio.Queue[pb.WriteBatchesResponse | None] = asyncio.Queue()
+
+        async def one(raw: bytes) -> None:
+            sequence = 0
+            try:
+                request = _parse(pb.WriteBatchesRequest, raw)
+                sequence = request.sequence
+                ack = _ack_level(request.ack_level, self.wal is not None)
+                if request.producer:
+                    reply = await self._keyed_write(request, ack, context)
+                else:
+                    reply = await self._write(request, ack, context)
+                answers.put_nowait(pb.WriteBatchesResponse(sequence=sequence, ok=reply))
+            except Refusal as refusal:
+                if not isinstance(refusal, CommitFailed):
+                    self.ledger.refuse(refusal.reason, len(raw))
+                after = int(refusal.retry_after * 1000) if isinstance(refusal, BufferFull) else 0
+                answers.put_nowait(pb.WriteBatchesResponse(sequence=sequence, code=STATUS[type(refusal)].value[0],
+                                                           message=refusal.message, retry_after_ms=after))
+
+        async def read() -> None:
+            handling: set[asyncio.Task[None]] = set()
+            try:
+                async for raw in request_iterator:
+                    task = asyncio.ensure_future(one(raw))
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+            finally:
+                if handling:
+                    await asyncio.gather(*handling, return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # (raises what reading raised)
+        finally:
+            reader.cancel()  # the client went away: a keyed write goes on in its own task regardless
+
     def _unsynced(self) -> LogUnavailable:
         error = self.wal.error if self.wal is not None else None
         return LogUnavailable(f"{error.strerror if error else 'the write-ahead log failed'}: the rows are not on disk "
@@ -413,6 +456,9 @@ class IngestService:
             "WriteStream": grpc.stream_unary_rpc_method_handler(
                 self.WriteStream, request_deserializer=None,
                 response_serializer=pb.WriteStreamResponse.SerializeToString),
+            "WriteBatches": grpc.stream_stream_rpc_method_handler(
+                self.WriteBatches, request_deserializer=None,
+                response_serializer=pb.WriteBatchesResponse.SerializeToString),
             "Flush": grpc.unary_unary_rpc_method_handler(
                 self.Flush, request_deserializer=pb.FlushRequest.FromString,
                 response_serializer=pb.FlushResponse.SerializeToString),

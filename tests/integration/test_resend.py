@@ -85,3 +85,27 @@ async def test_a_producer_id_too_long_is_refused_naming_the_bound(clickhouse: Cl
         await stub.Write(keyed(jrows(0, 1), 1, producer="x" * 65))
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 64" in (refused.value.details() or "")
+
+
+async def test_write_batches_answers_each_request_and_a_refusal_does_not_end_the_stream(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer()
+    stub = pb_grpc.IngestServiceStub(buf.channel)
+
+    def req(rows: bytes, sequence: int, table: str = "t") -> pb.WriteBatchesRequest:
+        return pb.WriteBatchesRequest(table=table, format=J, rows=rows, producer="s-1", sequence=sequence)
+
+    requests = [req(jrows(0, 3), 1), req(jrows(3, 3), 2, table="missing"), req(b'{"id":9}', 3),
+                req(jrows(6, 4), 4), req(jrows(6, 4), 4)]
+    answers = {}
+    async for answer in stub.WriteBatches(iter(requests)):
+        answers.setdefault(answer.sequence, []).append(answer)
+    assert sorted(answers) == [1, 2, 3, 4] and len(answers[4]) == 2
+    assert answers[1][0].HasField("ok") and answers[1][0].ok.rows == 3 and answers[1][0].code == 0
+    assert not answers[2][0].HasField("ok")
+    assert answers[2][0].code == grpc.StatusCode.NOT_FOUND.value[0] and "missing" in answers[2][0].message
+    assert answers[3][0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "newline" in answers[3][0].message
+    assert sorted(a.ok.duplicate for a in answers[4]) == [False, True], "the same key twice: one answer a duplicate"
+    await buf.flush()
+    assert clickhouse.count("t") == 7

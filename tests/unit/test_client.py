@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -41,22 +41,50 @@ class FakeChannel:
         self.requests: list[tuple[float, pb.WriteRequest]] = []
         self.lock = threading.Lock()
 
-    def unary_unary(self, path: str, *_: Any) -> Callable[..., pb.WriteResponse]:
-        assert path.endswith("/Write")
+    def stream_stream(self, path: str, *_: Any) -> Callable[..., Iterator[pb.WriteBatchesResponse]]:
+        assert path.endswith("/WriteBatches")
 
-        def call(raw: bytes, timeout: float | None = None, wait_for_ready: bool | None = None) -> pb.WriteResponse:
-            request = pb.WriteRequest.FromString(raw)
-            with self.lock:
-                self.requests.append((time.monotonic(), request))
-            return self.answer(request)
+        def call(requests: Iterator[bytes], timeout: float | None = None,
+                 wait_for_ready: bool | None = None) -> FakeStream:
+            return FakeStream(self, requests)
 
         return call
+
+    def answer_one(self, raw: bytes) -> pb.WriteBatchesResponse:
+        request = pb.WriteRequest.FromString(raw)  # the same fields, the same numbers
+        with self.lock:
+            self.requests.append((time.monotonic(), request))
+        try:
+            return pb.WriteBatchesResponse(sequence=request.sequence, ok=self.answer(request))
+        except FakeError as exc:
+            after = dict(exc.trailing_metadata()).get("retry-after-ms", "0")
+            return pb.WriteBatchesResponse(sequence=request.sequence, code=exc.code().value[0], message=exc.details(),
+                                           retry_after_ms=int(after))
 
     def close(self) -> None:
         pass
 
     def rows(self) -> list[int]:
         return [r.rows.count(b"\n") for _, r in self.requests]
+
+
+class FakeStream:
+    """A WriteBatches call: answers each request as the client's request iterator yields it."""
+
+    def __init__(self, channel: FakeChannel, requests: Iterator[bytes]) -> None:
+        self.channel, self.requests, self.cancelled = channel, requests, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> FakeStream:
+        return self
+
+    def __next__(self) -> pb.WriteBatchesResponse:
+        raw = next(self.requests)
+        if self.cancelled:
+            raise FakeError(grpc.StatusCode.CANCELLED, "cancelled")
+        return self.channel.answer_one(raw)
 
 
 def client(channel: FakeChannel, **options: Any) -> Client:

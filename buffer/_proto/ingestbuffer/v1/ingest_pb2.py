@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*buffer/_proto/ingestbuffer/v1/ingest.proto\x12\x0fingestbuffer.v1\"\xb9\x01\n\x0cWriteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.ingestbuffer.v1.Format\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x11\n\trow_count\x18\x04 \x01(\x04\x12,\n\tack_level\x18\x05 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\x12\x10\n\x08producer\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"m\n\rWriteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12,\n\tack_level\x18\x03 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x9b\x01\n\x12WriteStreamRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.ingestbuffer.v1.Format\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x11\n\trow_count\x18\x04 \x01(\x04\x12,\n\tack_level\x18\x05 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\"r\n\x13WriteStreamResponse\x12\x10\n\x08messages\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12,\n\tack_level\x18\x04 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\"\x0e\n\x0c\x46lushRequest\"<\n\rFlushResponse\x12\x16\n\x0erows_committed\x18\x01 \x01(\x04\x12\x13\n\x0brows_failed\x18\x02 \x01(\x04*\xa6\x01\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46ORMAT_JSON_EACH_ROW\x10\x01\x12 \n\x1c\x46ORMAT_JSON_COMPACT_EACH_ROW\x10\x02\x12\x0e\n\nFORMAT_CSV\x10\x03\x12\x0e\n\nFORMAT_TSV\x10\x04\x12\x15\n\x11\x46ORMAT_ROW_BINARY\x10\x05\x12\x11\n\rFORMAT_NATIVE\x10\x06*m\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_LEVEL_BUFFERED\x10\x01\x12\x15\n\x11\x41\x43K_LEVEL_DURABLE\x10\x02\x12\x17\n\x13\x41\x43K_LEVEL_COMMITTED\x10\x03\x32\xfb\x01\n\rIngestService\x12\x46\n\x05Write\x12\x1d.ingestbuffer.v1.WriteRequest\x1a\x1e.ingestbuffer.v1.WriteResponse\x12Z\n\x0bWriteStream\x12#.ingestbuffer.v1.WriteStreamRequest\x1a$.ingestbuffer.v1.WriteStreamResponse(\x01\x12\x46\n\x05\x46lush\x12\x1d.ingestbuffer.v1.FlushRequest\x1a\x1e.ingestbuffer.v1.FlushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*buffer/_proto/ingestbuffer/v1/ingest.proto\x12\x0fingestbuffer.v1\"\xb9\x01\n\x0cWriteRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.ingestbuffer.v1.Format\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x11\n\trow_count\x18\x04 \x01(\x04\x12,\n\tack_level\x18\x05 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\x12\x10\n\x08producer\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"m\n\rWriteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12,\n\tack_level\x18\x03 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x9b\x01\n\x12WriteStreamRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.ingestbuffer.v1.Format\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x11\n\trow_count\x18\x04 \x01(\x04\x12,\n\tack_level\x18\x05 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\"r\n\x13WriteStreamResponse\x12\x10\n\x08messages\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12,\n\tack_level\x18\x04 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\"\xc0\x01\n\x13WriteBatchesRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.ingestbuffer.v1.Format\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x11\n\trow_count\x18\x04 \x01(\x04\x12,\n\tack_level\x18\x05 \x01(\x0e\x32\x19.ingestbuffer.v1.AckLevel\x12\x10\n\x08producer\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"\x8b\x01\n\x14WriteBatchesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x02ok\x18\x02 \x01(\x0b\x32\x1e.ingestbuffer.v1.WriteResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x04\"\x0e\n\x0c\x46lushRequest\"<\n\rFlushResponse\x12\x16\n\x0erows_committed\x18\x01 \x01(\x04\x12\x13\n\x0brows_failed\x18\x02 \x01(\x04*\xa6\x01\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46ORMAT_JSON_EACH_ROW\x10\x01\x12 \n\x1c\x46ORMAT_JSON_COMPACT_EACH_ROW\x10\x02\x12\x0e\n\nFORMAT_CSV\x10\x03\x12\x0e\n\nFORMAT_TSV\x10\x04\x12\x15\n\x11\x46ORMAT_ROW_BINARY\x10\x05\x12\x11\n\rFORMAT_NATIVE\x10\x06*m\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_LEVEL_BUFFERED\x10\x01\x12\x15\n\x11\x41\x43K_LEVEL_DURABLE\x10\x02\x12\x17\n\x13\x41\x43K_LEVEL_COMMITTED\x10\x03\x32\xdc\x02\n\rIngestService\x12\x46\n\x05Write\x12\x1d.ingestbuffer.v1.WriteRequest\x1a\x1e.ingestbuffer.v1.WriteResponse\x12Z\n\x0bWriteStream\x12#.ingestbuffer.v1.WriteStreamRequest\x1a$.ingestbuffer.v1.WriteStreamResponse(\x01\x12_\n\x0cWriteBatches\x12$.ingestbuffer.v1.WriteBatchesRequest\x1a%.ingestbuffer.v1.WriteBatchesResponse(\x01\x30\x01\x12\x46\n\x05\x46lush\x12\x1d.ingestbuffer.v1.FlushRequest\x1a\x1e.ingestbuffer.v1.FlushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'buffer._proto.ingestbuffer.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FORMAT']._serialized_start=715
-  _globals['_FORMAT']._serialized_end=881
-  _globals['_ACKLEVEL']._serialized_start=883
-  _globals['_ACKLEVEL']._serialized_end=992
+  _globals['_FORMAT']._serialized_start=1052
+  _globals['_FORMAT']._serialized_end=1218
+  _globals['_ACKLEVEL']._serialized_start=1220
+  _globals['_ACKLEVEL']._serialized_end=1329
   _globals['_WRITEREQUEST']._serialized_start=64
   _globals['_WRITEREQUEST']._serialized_end=249
   _globals['_WRITERESPONSE']._serialized_start=251
@@ -43,10 +43,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITESTREAMREQUEST']._serialized_end=518
   _globals['_WRITESTREAMRESPONSE']._serialized_start=520
   _globals['_WRITESTREAMRESPONSE']._serialized_end=634
-  _globals['_FLUSHREQUEST']._serialized_start=636
-  _globals['_FLUSHREQUEST']._serialized_end=650
-  _globals['_FLUSHRESPONSE']._serialized_start=652
-  _globals['_FLUSHRESPONSE']._serialized_end=712
-  _globals['_INGESTSERVICE']._serialized_start=995
-  _globals['_INGESTSERVICE']._serialized_end=1246
+  _globals['_WRITEBATCHESREQUEST']._serialized_start=637
+  _globals['_WRITEBATCHESREQUEST']._serialized_end=829
+  _globals['_WRITEBATCHESRESPONSE']._serialized_start=832
+  _globals['_WRITEBATCHESRESPONSE']._serialized_end=971
+  _globals['_FLUSHREQUEST']._serialized_start=973
+  _globals['_FLUSHREQUEST']._serialized_end=987
+  _globals['_FLUSHRESPONSE']._serialized_start=989
+  _globals['_FLUSHRESPONSE']._serialized_end=1049
+  _globals['_INGESTSERVICE']._serialized_start=1332
+  _globals['_INGESTSERVICE']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -88,6 +89,38 @@ class WriteStreamResponse(_message.Message):
     bytes: int
     ack_level: AckLevel
     def __init__(self, messages: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ...) -> None: ...
+
+class WriteBatchesRequest(_message.Message):
+    __slots__ = ("table", "format", "rows", "row_count", "ack_level", "producer", "sequence")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ACK_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    format: Format
+    rows: bytes
+    row_count: int
+    ack_level: AckLevel
+    producer: str
+    sequence: int
+    def __init__(self, table: _Optional[str] = ..., format: _Optional[_Union[Format, str]] = ..., rows: _Optional[bytes] = ..., row_count: _Optional[int] = ..., ack_level: _Optional[_Union[AckLevel, str]] = ..., producer: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class WriteBatchesResponse(_message.Message):
+    __slots__ = ("sequence", "ok", "code", "message", "retry_after_ms")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    ok: WriteResponse
+    code: int
+    message: str
+    retry_after_ms: int
+    def __init__(self, sequence: _Optional[int] = ..., ok: _Optional[_Union[WriteResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

@@ -65,6 +65,11 @@ class IngestServiceStub:
                 request_serializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamRequest.SerializeToString,
                 response_deserializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamResponse.FromString,
                 _registered_method=True)
+        self.WriteBatches = channel.stream_stream(
+                '/ingestbuffer.v1.IngestService/WriteBatches',
+                request_serializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesRequest.SerializeToString,
+                response_deserializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesResponse.FromString,
+                _registered_method=True)
         self.Flush = channel.unary_unary(
                 '/ingestbuffer.v1.IngestService/Flush',
                 request_serializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.FlushRequest.SerializeToString,
@@ -114,6 +119,19 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteBatches(self, request_iterator, context):
+        """WriteBatches takes Write requests on one long-lived stream and answers
+        each one as soon as it is handled, with its `sequence` (answers may come
+        out of order). A refused request gets its status in its answer and the
+        stream goes on. Meant for clients that batch rows and key each batch
+        (producer, sequence): a stream message costs a client much less than a
+        unary call, and a batch whose answer was lost with the connection is
+        resent with its key on the next stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Flush(self, request, context):
         """Flush returns once every row this buffer accepted before the call has
         been committed to ClickHouse (or has definitively failed). Call it right
@@ -135,6 +153,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.WriteStream,
                     request_deserializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamRequest.FromString,
                     response_serializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamResponse.SerializeToString,
+            ),
+            'WriteBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.WriteBatches,
+                    request_deserializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesRequest.FromString,
+                    response_serializer=buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesResponse.SerializeToString,
             ),
             'Flush': grpc.unary_unary_rpc_method_handler(
                     servicer.Flush,
@@ -217,6 +240,33 @@ class IngestService:
             '/ingestbuffer.v1.IngestService/WriteStream',
             buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamRequest.SerializeToString,
             buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ingestbuffer.v1.IngestService/WriteBatches',
+            buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesRequest.SerializeToString,
+            buffer_dot___proto_dot_ingestbuffer_dot_v1_dot_ingest__pb2.WriteBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
