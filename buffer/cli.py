@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (auto: when it is a terminal)")
     snd.add_argument("--timeout", type=float, default=None,
                      help="seconds each request, the wait for the acknowledgements, and the --flush barrier "
-                          "may each take (default: 10 s a request, resent until --retry-for; no bound on the waits)")
+                          "may each take (default: 10 s a request, 60 s with --ack committed, resent until "
+                          "--retry-for; no bound on the waits)")
     snd.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
                      help="how long a request refused as full, or whose answer was lost, is resent (default 60)")
     snd.set_defaults(func=_send)

@@ -188,7 +188,7 @@ class Client:
     def __init__(self, target: str, *, ack_level: str = "buffered", linger: float = 0.005,
                  batch_rows: int = 10_000, batch_bytes: int = 1 << 20, max_rows: int = 1_000_000,
                  max_bytes: int = 64 << 20, when_full: str = "block", block_timeout: float = 10.0,
-                 max_in_flight: int = 4, retry_for: float = 60.0, call_timeout: float = 10.0,
+                 max_in_flight: int = 4, retry_for: float = 60.0, call_timeout: float | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES,
                  credentials: grpc.ChannelCredentials | None = None,
                  channel_options: tuple[tuple[str, Any], ...] = ()) -> None:
@@ -204,6 +204,8 @@ class Client:
         if batch_bytes > max_request_bytes:
             raise ValueError(f"batch_bytes {batch_bytes:,} is over max_request_bytes {max_request_bytes:,} (the "
                              "buffer's --max-request-bytes): the buffer would refuse every full batch")
+        if call_timeout is None:  # a COMMITTED answer waits for ClickHouse: flushes, retries
+            call_timeout = 60.0 if ack_level.lower() == "committed" else 10.0
         if linger < 0 or block_timeout < 0 or retry_for < 0 or call_timeout <= 0:
             raise ValueError("linger, block_timeout and retry_for must be >= 0 and call_timeout > 0")
         self.target = target

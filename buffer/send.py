@@ -165,7 +165,7 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
     # The buffer's --max-request-bytes decides what is too large (its refusal names it), not a guess here.
     client = Client(target, ack_level=ACK_NAMES[ack], batch_bytes=max(chunk_bytes, 1), linger=0.05,
                     max_bytes=max(64 << 20, 4 * chunk_bytes), retry_for=retry_for, block_timeout=retry_for,
-                    call_timeout=timeout or 10.0, max_request_bytes=max(1 << 30, chunk_bytes))
+                    call_timeout=timeout, max_request_bytes=max(1 << 30, chunk_bytes))
     summary: dict[str, object] = {"table": table, "format": name, "ack_level": ACK_NAMES[ack]}
     complete = False
     try:
