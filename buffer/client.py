@@ -88,6 +88,7 @@ import orjson
 
 from buffer.api import FORMATS, SERVICE_NAME
 from buffer.api import ingest_pb2 as pb
+from buffer.config import SETTINGS_BY_NAME
 from buffer.framing import check_request
 from buffer.refusals import InvalidRequest
 
@@ -97,6 +98,7 @@ log = logging.getLogger(__name__)
 
 ACK_LEVELS = {"buffered": pb.ACK_LEVEL_BUFFERED, "durable": pb.ACK_LEVEL_DURABLE,
               "committed": pb.ACK_LEVEL_COMMITTED}
+ACK_NAMES = {level: name for name, level in ACK_LEVELS.items()}
 # write(..., format=...): ClickHouse's names and the enum's, any case, "_" and "-" ignored, and the
 # usual short names (the ones `ingest-buffer send --format` takes).
 FORMAT_BY_NAME: dict[str, int] = {**{name.lower(): f for f, (name, _) in FORMATS.items()},
@@ -104,10 +106,15 @@ FORMAT_BY_NAME: dict[str, int] = {**{name.lower(): f for f, (name, _) in FORMATS
                                   "ndjson": pb.FORMAT_JSON_EACH_ROW, "tsv": pb.FORMAT_TSV}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
-MAX_REQUEST_BYTES = 16 << 20  # the buffer's default --max-request-bytes
+MAX_REQUEST_BYTES: int = SETTINGS_BY_NAME["max_request_bytes"].default  # the buffer's default
 _DUMPS = orjson.dumps
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
 _JSON: int = pb.FORMAT_JSON_EACH_ROW
+
+
+def format_named(name: str) -> int | None:
+    """The format a name means (``JSONEachRow``, ``FORMAT_CSV``, ``tsv``, ``ndjson``…), or None."""
+    return FORMAT_BY_NAME.get(name.lower().replace("_", "").replace("-", "").removeprefix("format"))
 
 
 class ClientFull(Exception):
@@ -293,8 +300,7 @@ class Client:
         elif isinstance(format, int):
             fmt = format
         else:
-            key = format.lower().replace("_", "").replace("-", "")
-            fmt = FORMAT_BY_NAME.get(key.removeprefix("format")) or -1
+            fmt = format_named(format) or -1  # -1: check_request names the formats that work
         data = bytes(row)
         try:
             _, n, _ = check_request(table, fmt, data, rows or 0, self.max_request_bytes, 1 << 62)
@@ -591,8 +597,8 @@ class Client:
             if reply.duplicate:
                 with self._lock:
                     self._counts["duplicates"] += 1
-            self._resolve(batch, Ack(reply.rows, reply.bytes, pb.AckLevel.Name(reply.ack_level)[len("ACK_LEVEL_"):]
-                                     .lower(), reply.duplicate))
+            self._resolve(batch, Ack(reply.rows, reply.bytes, ACK_NAMES.get(reply.ack_level, "buffered"),
+                                     reply.duplicate))
         else:
             self._retry_or_fail(batch, _CODES.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message,
                                 answer.retry_after_ms)
@@ -663,17 +669,13 @@ class AsyncClient:
 
     def __init__(self, target: str, **options: Any) -> None:
         self._client = Client(target, **options)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def write(self, table: str, row: dict[str, Any] | bytes, *, format: str | int | None = None,
                     rows: int | None = None) -> asyncio.Future[Ack]:
         """Queues the row(s); waits only while the client is full (``when_full="block"``). Returns
         the future of the batch holding them."""
         client = self._client
-        if row.__class__ is dict:
-            data, fmt, n = _DUMPS(row, option=_NEWLINE), _JSON, 1
-        else:
-            data, fmt, n = client._checked(table, row, format, rows)
+        data, fmt, n = client._checked(table, row, format, rows)
         try:
             batch = client._append(table, fmt, data, n, None)
         except _NoRoom:  # wait for room in a thread, not on the loop (or raise at once, as told)

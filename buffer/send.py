@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
-from buffer.client import Ack, Client, ClientFull, WriteFailed
+from buffer.client import ACK_NAMES, FORMAT_BY_NAME, Ack, Client, ClientFull, WriteFailed, format_named
 
 
 class SendFailed(Exception):
@@ -37,31 +37,20 @@ class SendFailed(Exception):
         self.summary = summary
 
 
-ACK_NAMES = {pb.ACK_LEVEL_BUFFERED: "buffered", pb.ACK_LEVEL_DURABLE: "durable", pb.ACK_LEVEL_COMMITTED: "committed"}
-
 # file extension → format
 EXTENSIONS: dict[str, pb.Format] = {
     ".jsonl": pb.FORMAT_JSON_EACH_ROW, ".ndjson": pb.FORMAT_JSON_EACH_ROW, ".json": pb.FORMAT_JSON_EACH_ROW,
     ".csv": pb.FORMAT_CSV, ".tsv": pb.FORMAT_TSV, ".tab": pb.FORMAT_TSV,
     ".rowbinary": pb.FORMAT_ROW_BINARY, ".native": pb.FORMAT_NATIVE,
 }
-# --format spellings → format
-FORMAT_ALIASES: dict[str, pb.Format] = {
-    "jsoneachrow": pb.FORMAT_JSON_EACH_ROW, "json": pb.FORMAT_JSON_EACH_ROW, "jsonl": pb.FORMAT_JSON_EACH_ROW,
-    "ndjson": pb.FORMAT_JSON_EACH_ROW, "jsoncompacteachrow": pb.FORMAT_JSON_COMPACT_EACH_ROW,
-    "csv": pb.FORMAT_CSV, "tsv": pb.FORMAT_TSV, "tabseparated": pb.FORMAT_TSV,
-    "rowbinary": pb.FORMAT_ROW_BINARY, "native": pb.FORMAT_NATIVE,
-}
 
 
 def resolve_format(name: str | None, path: str | None) -> pb.Format:
     if name:
-        key = name.lower().replace("_", "").replace("-", "")
-        if key.startswith("format"):
-            key = key[len("format"):]
-        if key not in FORMAT_ALIASES:
-            raise ValueError(f"--format {name!r} is unknown; use one of {', '.join(sorted(FORMAT_ALIASES))}")
-        return FORMAT_ALIASES[key]
+        fmt = format_named(name)  # the client's spellings: one table of them
+        if fmt is None:
+            raise ValueError(f"--format {name!r} is unknown; use one of {', '.join(sorted(FORMAT_BY_NAME))}")
+        return fmt  # type: ignore[return-value]
     if path and path != "-":
         for ext, fmt in EXTENSIONS.items():
             if path.lower().endswith(ext):

@@ -73,6 +73,10 @@ def _parse(message_type: Any, raw: bytes) -> Any:
                              "malformed_message") from None
 
 
+def _retry_after_ms(refusal: BufferFull) -> int:
+    return int(refusal.retry_after * 1000)
+
+
 def _ack_level(raw: int, logged: bool) -> pb.AckLevel:
     if raw in (pb.ACK_LEVEL_UNSPECIFIED, pb.ACK_LEVEL_BUFFERED):
         return pb.ACK_LEVEL_BUFFERED
@@ -285,7 +289,7 @@ class IngestService:
         """Ends the call with the refusal's status. The caller returns an empty reply after it: gRPC
         sends the status, not the reply, whether or not ``abort`` raises."""
         if isinstance(refusal, BufferFull):
-            trailers += ((RETRY_AFTER_KEY, str(int(refusal.retry_after * 1000))),)
+            trailers += ((RETRY_AFTER_KEY, str(_retry_after_ms(refusal))),)
         if trailers:
             context.set_trailing_metadata(trailers)
         await context.abort(STATUS[type(refusal)], refusal.message)
@@ -294,16 +298,22 @@ class IngestService:
 
     async def Write(self, raw: bytes, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         try:
-            request = _parse(pb.WriteRequest, raw)
-            ack = _ack_level(request.ack_level, self.wal is not None)
-            if request.producer:
-                return await self._keyed_write(request, ack, context)
-            return await self._write(request, ack, context)
+            return await self._one_write(_parse(pb.WriteRequest, raw), context)
         except Refusal as refusal:
-            if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
-                self.ledger.refuse(refusal.reason, len(raw))
+            self._count_refusal(refusal, len(raw))
             await self._refuse(context, refusal)
             return pb.WriteResponse()
+
+    async def _one_write(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+        """A Write, or one request of WriteBatches: keyed (a resend is answered) or not."""
+        ack = _ack_level(request.ack_level, self.wal is not None)
+        if request.producer:
+            return await self._keyed_write(request, ack, context)
+        return await self._write(request, ack, context)
+
+    def _count_refusal(self, refusal: Refusal, size: int) -> None:
+        if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
+            self.ledger.refuse(refusal.reason, size)
 
     async def _write(self, request: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
         rows, size, waiter, synced, entry = await self._accept(request, ack, context)
@@ -400,16 +410,11 @@ class IngestService:
             try:
                 request = _parse(pb.WriteBatchesRequest, raw)
                 sequence = request.sequence
-                ack = _ack_level(request.ack_level, self.wal is not None)
-                if request.producer:
-                    reply = await self._keyed_write(request, ack, context)
-                else:
-                    reply = await self._write(request, ack, context)
-                answers.put_nowait(pb.WriteBatchesResponse(sequence=sequence, ok=reply))
+                answers.put_nowait(pb.WriteBatchesResponse(sequence=sequence,
+                                                           ok=await self._one_write(request, context)))
             except Refusal as refusal:
-                if not isinstance(refusal, CommitFailed):
-                    self.ledger.refuse(refusal.reason, len(raw))
-                after = int(refusal.retry_after * 1000) if isinstance(refusal, BufferFull) else 0
+                self._count_refusal(refusal, len(raw))
+                after = _retry_after_ms(refusal) if isinstance(refusal, BufferFull) else 0
                 answers.put_nowait(pb.WriteBatchesResponse(sequence=sequence, code=STATUS[type(refusal)].value[0],
                                                            message=refusal.message, retry_after_ms=after))
 
