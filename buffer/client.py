@@ -150,9 +150,24 @@ class Ack:
     duplicate: bool
 
 
+_ROWS_TAG = bytes([pb.WriteBatchesRequest.ROWS_FIELD_NUMBER << 3 | 2])  # a length-delimited field
+
+
+def _with_rows(request: pb.WriteBatchesRequest, rows: bytearray) -> bytes:
+    """``request`` serialized with ``rows`` as its rows field, copying the rows once: a serialized
+    message followed by one more field parses as that message with the field set, so the rows go
+    straight from the batch into the request (setting the field first would copy them twice)."""
+    size, n = bytearray(), len(rows)
+    while n > 0x7F:  # the field's length, as a base-128 varint
+        size.append(n & 0x7F | 0x80)
+        n >>= 7
+    size.append(n)
+    return b"".join((request.SerializeToString(), _ROWS_TAG, size, rows))
+
+
 class _Batch:
-    __slots__ = ("afuture", "attempts", "created", "deadline", "format", "full_bytes", "full_rows", "future", "key",
-                 "nbytes", "nrows", "parts", "request", "reserved_bytes", "reserved_rows", "sealed", "sent_at",
+    __slots__ = ("afuture", "attempts", "created", "data", "deadline", "format", "full_bytes", "full_rows", "future",
+                 "key", "nbytes", "nrows", "request", "reserved_bytes", "reserved_rows", "sealed", "sent_at",
                  "sequence", "table")
 
     def __init__(self, table: str, fmt: int, now: float, full_rows: int, full_bytes: int) -> None:
@@ -161,8 +176,8 @@ class _Batch:
         self.key = table if fmt == _JSON else (table, fmt)  # its key in Client._open
         self.sealed = False
         self.full_rows, self.full_bytes = full_rows, full_bytes  # sealed when it reaches either
-        self.parts: list[bytes] = []
-        self.nbytes = 0
+        self.data = bytearray()  # its rows, encoded: each row's bytes are freed as it is written
+        self.nbytes = 0  # its size, once sealed (len(data) while open)
         self.nrows = 0
         self.reserved_rows = 0  # room taken in the client's bounds: a whole batch while open, then its size
         self.reserved_bytes = 0
@@ -281,11 +296,10 @@ class Client:
         data = _DUMPS(row, option=_NEWLINE)
         with self._lock:
             batch = self._open.get(table)
-            if batch is not None and batch.nbytes + len(data) <= batch.reserved_bytes:
-                batch.parts.append(data)
+            if batch is not None and len(buf := batch.data) + len(data) <= batch.reserved_bytes:
+                buf += data  # the row's bytes are freed now, not when the batch is sent
                 batch.nrows += 1
-                batch.nbytes += len(data)
-                if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
+                if batch.nrows >= batch.full_rows or len(buf) >= batch.full_bytes:
                     self._seal(batch)
                 return batch.future
         return self._append(table, _JSON, data, 1, self.block).future  # a new batch (it may wait for room)
@@ -316,14 +330,13 @@ class Client:
                              "the buffer's --max-request-bytes): it could never be sent")
         with self._lock:
             batch = self._open.get(table if fmt == _JSON else (table, fmt))
-            if batch is None or batch.nrows + n > batch.reserved_rows or batch.nbytes + size > batch.reserved_bytes:
+            if batch is None or batch.nrows + n > batch.reserved_rows or len(batch.data) + size > batch.reserved_bytes:
                 if batch is not None:  # these rows would go past its reservation: the next batch takes them
                     self._seal(batch)
                 batch = self._open_batch(table, fmt, size, n, block)
-            batch.parts.append(data)
+            batch.data += data
             batch.nrows += n
-            batch.nbytes += size
-            if batch.nrows >= batch.full_rows or batch.nbytes >= batch.full_bytes:
+            if batch.nrows >= batch.full_rows or len(batch.data) >= batch.full_bytes:
                 self._seal(batch)
             return batch
 
@@ -335,7 +348,7 @@ class Client:
             # While it waited (the lock released), another writer may have opened this key's batch.
             other = self._open.get(table if fmt == _JSON else (table, fmt))
             if other is not None:
-                if other.nrows + n <= other.reserved_rows and other.nbytes + size <= other.reserved_bytes:
+                if other.nrows + n <= other.reserved_rows and len(other.data) + size <= other.reserved_bytes:
                     return other
                 self._seal(other)
         # A whole batch, or half the room left when that is less: other tables still find room.
@@ -373,7 +386,7 @@ class Client:
 
     def _held(self) -> tuple[int, int]:
         batches = self._unresolved.values()
-        return sum(b.nrows for b in batches), sum(b.nbytes for b in batches)
+        return sum(b.nrows for b in batches), sum(b.nbytes if b.sealed else len(b.data) for b in batches)
 
     def flush(self, timeout: float | None = None, *, committed: bool = False) -> bool:
         """Sends what is open; True once everything written before this call was acknowledged (and,
@@ -467,6 +480,7 @@ class Client:
         del self._open[batch.key]
         self._out[batch.key] += 1
         batch.sealed = True
+        batch.nbytes = len(batch.data)
         self._reserved_rows += batch.nrows - batch.reserved_rows  # from its reservation to its size
         self._reserved_bytes += batch.nbytes - batch.reserved_bytes
         batch.reserved_rows, batch.reserved_bytes = batch.nrows, batch.nbytes
@@ -527,11 +541,11 @@ class Client:
             if batch.request is None:
                 lines = FORMATS[batch.format][1]
                 batch.sequence = next(self._sequence)
-                batch.request = pb.WriteBatchesRequest(
-                    table=batch.table, format=batch.format, rows=b"".join(batch.parts),  # type: ignore[arg-type]
-                    row_count=0 if lines else batch.nrows, ack_level=self.ack_level,
-                    producer=self.producer, sequence=batch.sequence).SerializeToString()
-                batch.parts = []
+                batch.request = _with_rows(pb.WriteBatchesRequest(
+                    table=batch.table, format=batch.format,  # type: ignore[arg-type]
+                    row_count=0 if lines else batch.nrows,
+                    ack_level=self.ack_level, producer=self.producer, sequence=batch.sequence), batch.data)
+                batch.data = bytearray()
                 batch.deadline = time.monotonic() + self.retry_for
             with self._lock:
                 while not self._stop and (self._stream is None or self._stream.closed):

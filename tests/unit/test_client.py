@@ -359,3 +359,15 @@ async def test_an_async_callers_timeout_leaves_the_batchs_other_rows_acknowledge
     gate.open.set()
     assert (await asyncio.wait_for(second, 5)).rows == 2
     await c.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 2_097_152, 5_000_001])
+def test_a_request_built_with_its_rows_appended_parses_as_the_message_protobuf_would_build(size: int) -> None:
+    from buffer.client import _with_rows
+
+    rows = bytearray(b"r" * size)
+    head = pb.WriteBatchesRequest(table="t", format=pb.FORMAT_CSV, row_count=3, ack_level=pb.ACK_LEVEL_DURABLE,
+                                  producer="p", sequence=2 ** 40)
+    built = pb.WriteBatchesRequest.FromString(_with_rows(head, rows))
+    head.rows = bytes(rows)
+    assert built == head and built.rows == bytes(rows)
