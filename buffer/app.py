@@ -23,6 +23,7 @@ from buffer import metrics
 from buffer.admin import AdminServer
 from buffer.catalog import TableCatalog
 from buffer.checks import Finding, embedded_engine_error, startup_checks
+from buffer.chhttp import ClickHouseHttp
 from buffer.config import Config, parse_listen
 from buffer.deadletter import FileDeadLetters, TableDeadLetters
 from buffer.errors import clean_message
@@ -79,6 +80,7 @@ class App:
                                      block_timeout=cfg.block_timeout, on_barrier=self.flusher.wake,
                                      dead_letters=where, wal=self.wal)
         self.grpc = GrpcServer(cfg.grpc_listen, self.service, self.lifecycle)
+        self.clickhouse_http = self._clickhouse_http(cfg) if cfg.clickhouse_http_listen else None
         http = parse_listen(cfg.http_listen)
         assert not isinstance(http, str)
         self.admin = AdminServer(http[0], http[1], AdminRoutes(self.lifecycle, self.ring, self.flusher,
@@ -101,9 +103,20 @@ class App:
             *([self.replay] if self.replay is not None else []),
             PeriodicRoutine("table-catalog", 30.0, self.catalog.refresh, "could not refresh the list of ClickHouse "
                             "tables"),
+            *([self.clickhouse_http] if self.clickhouse_http is not None else []),
             self.grpc]
         return Supervisor(routines, signals=self.signals, on_signal=self._on_signal,
                           on_crash=lambda r, exc: self.lifecycle.crash(r.name, exc), force_exit=self._force_exit)
+
+    def _clickhouse_http(self, cfg: Config) -> ClickHouseHttp:
+        address = parse_listen(cfg.clickhouse_http_listen)
+        assert not isinstance(address, str)
+        target = cfg.targets()[0]
+        forward = None if cfg.is_embedded else f"{target.interface}://{target.host}:{target.port}/"
+        return ClickHouseHttp(address[0], address[1], self.service, self.catalog, self.lifecycle,
+                              database=cfg.effective_database(), max_request_bytes=cfg.max_request_bytes,
+                              logged=self.wal is not None, run_read=self.sink.raw_read if cfg.is_embedded else None,
+                              forward_to=forward)
 
     def ready(self) -> bool:
         return self.lifecycle.ready

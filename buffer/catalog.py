@@ -88,6 +88,10 @@ class TableCatalog:
         """The table's column names as bytes (None when not known)."""
         return self._headers.get(table)
 
+    def column_order(self, table: str) -> tuple[str, ...] | None:
+        """The table's columns in order (None when not known)."""
+        return self.schema.columns.get(table) if self.schema is not None else None
+
     async def check(self, table: str) -> None:
         """Raises UnknownTable for a table the client may not write to (the slow path)."""
         if self.allowlist and table not in self.allowlist:

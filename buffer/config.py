@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -83,6 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
             "gRPC listen address: HOST:PORT, [::]:PORT, or unix:/path/to.sock"),
     Setting("http_listen", "127.0.0.1:8481",
             "HTTP admin listen address (probes, /drain, /metrics): HOST:PORT"),
+    Setting("clickhouse_http_listen", "",
+            "ClickHouse HTTP interface listen address, HOST:PORT (off when empty): ClickHouse clients insert "
+            "through the buffer by pointing at it; loopback only (inserts are not authenticated)"),
     Setting("clickhouse_url", "chdb://.ingest-buffer/chdb",
             "ClickHouse: http(s)://user:pass@host:port/db for a server (several replicas: comma-separated, "
             "with failover), chdb:///abs/path or chdb://relative/path for the embedded engine", secret=True),
@@ -153,6 +157,7 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     grpc_listen: str
     http_listen: str
+    clickhouse_http_listen: str
     clickhouse_url: str
     clickhouse_user: str
     clickhouse_password: str
@@ -363,6 +368,15 @@ def _validate(cfg: Config) -> None:
                           "(in Kubernetes: mount a shared emptyDir there)")
         except ValueError as exc:
             bad(name, str(exc))
+    if cfg.clickhouse_http_listen:
+        try:
+            address = parse_listen(cfg.clickhouse_http_listen)
+            host = address[0] if isinstance(address, tuple) else address
+            if not _loopback(host):
+                bad("clickhouse_http_listen", f"{host} is not a loopback address: inserts on this listener are not "
+                    "authenticated, so it listens on 127.0.0.1 or [::1] only (the sidecar shape)")
+        except ValueError as exc:
+            bad("clickhouse_http_listen", str(exc))
     urls = [u.strip() for u in cfg.clickhouse_url.split(",")]
     try:
         kinds = {clickhouse_target(u).embedded_path is None for u in urls}
@@ -390,6 +404,15 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,254}")
 
 def valid_table_name(name: str) -> bool:
     return _NAME_RE.fullmatch(name) is not None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen(address: str, allow_unix: bool = False) -> tuple[str, int] | str:

@@ -40,6 +40,7 @@ from buffer.lifecycle import Lifecycle, Phase
 from buffer.ring import Entry, Key, Ring, State
 from buffer.routines import Routine
 from buffer.schedule import FlushPolicy, Queued, Scheduler
+from buffer.shape import format_of
 from buffer.sink import Sink
 from buffer.wal import WriteAheadLog
 
@@ -260,7 +261,7 @@ class Flusher(Routine):
         return f"{self.instance}-{head.seq}-{batch[-1].seq}"
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
-        table, fmt = key
+        table, fmt = key[0], format_of(key[1])
         rows = sum(e.rows for e in batch)
         size = sum(e.size for e in batch)
         token = self.token(batch)
@@ -316,7 +317,7 @@ class Flusher(Routine):
         row_count was counted by lines, so there ClickHouse's smaller count is the true one: the
         counts are corrected, nothing is lost."""
         short = self.inserter.unwritten(key[0], rows, done.written, done.attempts)
-        if short and key[1] == "CSV" and any(b'"' in part for part in parts):
+        if short and format_of(key[1]) == "CSV" and any(b'"' in part for part in parts):
             self.ledger.recount(short)
             log.warning("ClickHouse counted %d rows fewer than the buffer in a CSV insert into %s whose fields "
                         "are quoted: a quoted newline was taken for a row end. The counts are corrected; send "
@@ -368,7 +369,7 @@ class Flusher(Routine):
                 return done.failure, 0
             return None, self._unwritten(key, parts, rows, done)
 
-        found = await isolate(batch, key[1], token, first, insert, self.lifecycle.out_of_time)
+        found = await isolate(batch, format_of(key[1]), token, first, insert, self.lifecycle.out_of_time)
         letters = found.letters(key, token)
         stored = True
         if letters:

@@ -22,6 +22,7 @@ from buffer.deadletter import DeadLetter
 from buffer.errors import InsertFailure
 from buffer.ledger import Outcome, Reason
 from buffer.ring import Entry, Key
+from buffer.shape import format_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Isolation:
     inserts: int = 0
 
     def letters(self, key: Key, token: str) -> list[DeadLetter]:
-        table, fmt = key
+        table, fmt = key[0], format_of(key[1])
         return [DeadLetter(table, fmt, f.code, f.name, f.message[:2000], p.rows, token, p.data) for p, f in self.bad]
 
 

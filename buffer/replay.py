@@ -33,6 +33,7 @@ from buffer.api import FORMATS
 from buffer.ledger import Ledger, Outcome, Reason
 from buffer.ring import Entry, EntryFailed, Ring, State
 from buffer.routines import Routine
+from buffer.shape import format_of
 from buffer.wal import FAULT_RETRY, LogFailed, Part, Recovered, WriteAheadLog, read_parts, read_rows
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ class Replay(Routine):
                     continue
                 if lsn != spill.last_read + 1 and spill.last_read >= spill.first_lsn:
                     self._gap(spill.last_read + 1, lsn)
-                joinable = not tracked and key[1] in LINE_FORMATS
+                joinable = not tracked and format_of(key[1]) in LINE_FORMATS
                 self._in_hand = entry
                 while not ((joinable and self.ring.join_from_log(key, payload, rows, lsn, counted=True))
                            or self.ring.admit_from_log(entry, counted=True)):
@@ -339,7 +340,7 @@ class Replay(Routine):
                     return
                 budget -= len(data)
                 ring = self.ring
-                joinable = part.key[1] in LINE_FORMATS
+                joinable = format_of(part.key[1]) in LINE_FORMATS
                 entry: Entry | None = None
                 while not (joinable and ring.join_from_log(part.key, data, part.rows, part.lsn)):
                     entry = entry or self._entry(part, data)

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -63,6 +63,12 @@ _DURABLE = pb.ACK_LEVEL_DURABLE
 Accepted = tuple[int, int, "Entry | None", "asyncio.Future[None] | None", "Entry | None"]
 
 
+class Deadline(Protocol):
+    """What the write path needs of a call: how long it may still wait (a gRPC call has this)."""
+
+    def time_remaining(self) -> float | None: ...
+
+
 def _parse(message_type: Any, raw: bytes) -> Any:
     """Decodes a request here rather than in gRPC, whose failure would be a bare INTERNAL."""
     try:
@@ -111,7 +117,7 @@ class IngestService:
 
     # ----- shared path ----------------------------------------------------------------------
 
-    async def _accept(self, req: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Accepted:
+    async def _accept(self, req: Any, ack: pb.AckLevel, context: Deadline) -> Accepted:
         """Checks and buffers one request (in the log too, when there is one); raises a Refusal for
         anything the client must fix. The request is in the ring before it is in the log: a refusal
         for want of room leaves nothing in the log."""
@@ -129,7 +135,7 @@ class IngestService:
             columns = self.catalog.columns(table)
             if columns:
                 refuse_header(fmt, payload, columns)
-        key = (table, fmt)
+        key = (table, getattr(req, "shape", "") or fmt)  # a shape: rows from ClickHouse's HTTP interface
         if self.wal is not None:
             return await self._accept_logged(self.wal, key, payload, rows, lines, ack, context)
         # The common cases, with room: joined to the newest entry of its table (small writes
@@ -149,7 +155,7 @@ class IngestService:
         return entry.rows, entry.size, entry if committed else None, None, entry
 
     async def _accept_logged(self, wal: WriteAheadLog, key: Key, payload: bytes, rows: int, lines: bool,
-                             ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> Accepted:
+                             ack: pb.AckLevel, context: Deadline) -> Accepted:
         """With the log: into memory and the log when memory has room and nothing waits on disk
         only; otherwise onto disk only (the spill), read back in order as room frees. Every refusal
         comes before the request takes its lsn, so a run of spilled requests has no gaps."""
@@ -207,7 +213,7 @@ class IngestService:
         if self.spill.withdraw(entry) and self.wal is not None:
             self.wal.settle(entry.lsns())
 
-    async def _log_room(self, wal: WriteAheadLog, size: int, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _log_room(self, wal: WriteAheadLog, size: int, context: Deadline) -> None:
         """Refuses when the log cannot take the request: a failing disk, a full one (``--when-full
         block`` waits for room, up to ``--block-timeout``), or a writer that is not keeping up."""
         if wal.error is not None:
@@ -304,18 +310,27 @@ class IngestService:
             await self._refuse(context, refusal)
             return pb.WriteResponse()
 
-    async def _one_write(self, request: Any, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+    async def _one_write(self, request: Any, context: Deadline) -> pb.WriteResponse:
         """A Write, or one request of WriteBatches: keyed (a resend is answered) or not."""
         ack = _ack_level(request.ack_level, self.wal is not None)
         if request.producer:
             return await self._keyed_write(request, ack, context)
         return await self._write(request, ack, context)
 
+    async def http_write(self, request: Any, context: Deadline) -> pb.WriteResponse:
+        """A write from ClickHouse's HTTP interface (buffer.chhttp): the path of a Write. ``request``
+        has a Write's fields and the key's ``shape``."""
+        try:
+            return await self._one_write(request, context)
+        except Refusal as refusal:
+            self._count_refusal(refusal, len(request.rows))
+            raise
+
     def _count_refusal(self, refusal: Refusal, size: int) -> None:
         if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
             self.ledger.refuse(refusal.reason, size)
 
-    async def _write(self, request: Any, ack: pb.AckLevel, context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+    async def _write(self, request: Any, ack: pb.AckLevel, context: Deadline) -> pb.WriteResponse:
         rows, size, waiter, synced, entry = await self._accept(request, ack, context)
         if synced is not None and entry is not None and not await self._durable([(synced, entry)]):
             raise self._unsynced()
@@ -324,7 +339,7 @@ class IngestService:
         return pb.WriteResponse(rows=rows, bytes=size, ack_level=ack)
 
     async def _keyed_write(self, request: Any, ack: pb.AckLevel,
-                           context: aio.ServicerContext[Any, Any]) -> pb.WriteResponse:
+                           context: Deadline) -> pb.WriteResponse:
         """A Write the client may resend: the same (producer, sequence) again gets the first one's
         reply and adds nothing. The first is handled in a task of its own, so a client that goes
         away mid-call (the reason it resends) cannot cut it short between taking rows and saying so."""

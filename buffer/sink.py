@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from buffer.config import ClickHouseTarget, Config
 from buffer.errors import error_code, quote_identifier
+from buffer.shape import parse as parse_shape
 
 __all__ = ["ClickHouseSink", "Payload", "Schema", "Sink", "SinkUnavailable", "quote_identifier"]
 
@@ -46,7 +47,8 @@ class Schema:
 
 class Sink(Protocol):
     def insert(self, table: str, fmt: str, payload: Payload, token: str) -> int | None:
-        """Inserts the payload (its parts concatenated); raises on failure. ``token`` deduplicates retries.
+        """Inserts the payload (its parts concatenated); raises on failure. ``token`` deduplicates retries;
+        ``fmt`` is the key's shape (buffer.shape): a format's name, or one with columns and settings.
 
         Returns the rows ClickHouse reported written, or None when it does not say.
         """
@@ -56,6 +58,9 @@ class Sink(Protocol):
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """Runs a read-only query (startup checks)."""
+
+    def raw_read(self, sql: str, parameters: dict[str, str], fmt: str | None) -> bytes:
+        """Runs a client's read query, read-only; its output as ClickHouse gives it."""
 
     def close(self) -> None: ...
 
@@ -182,9 +187,13 @@ class ClickHouseSink:
 
             def body() -> Any:
                 return data
+        how = parse_shape(fmt)
+        # Names quoted here: clickhouse-connect leaves a name that is quoted already as it is.
+        columns = [quote_identifier(c) for c in how.columns] or None
+        settings = {**dict(how.settings), "insert_deduplication_token": token, **self.insert_settings}
         summary = self._call(lambda client: client.raw_insert(
-            f"{quote_identifier(self.database)}.{quote_identifier(table)}", None, body(),
-            settings={"insert_deduplication_token": token, **self.insert_settings}, fmt=fmt, compression=compression))
+            f"{quote_identifier(self.database)}.{quote_identifier(table)}", columns, body(),
+            settings=settings, fmt=how.format, compression=compression))
         written = getattr(summary, "summary", {}).get("written_rows")
         return int(written) if written not in (None, "") else None
 
@@ -206,6 +215,13 @@ class ClickHouseSink:
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         result = self._call(lambda client: client.query(sql, parameters=parameters))
         return [tuple(r) for r in result.result_rows]
+
+    def raw_read(self, sql: str, parameters: dict[str, str], fmt: str | None) -> bytes:
+        """A client's read query, read-only (settings may change, nothing is written), its output as
+        ClickHouse gives it; for the embedded engine, which has no users of its own."""
+        result = self._call(lambda client: client.raw_query(sql, parameters=parameters or None,
+                                                            settings={"readonly": 2}, fmt=fmt))
+        return bytes(result)
 
     def command(self, sql: str) -> Any:
         return self._call(lambda client: client.command(sql))

@@ -16,7 +16,9 @@ reader find the next record after damage. The CRC starts from the log's own rand
 a reader looks for the next one after damage. Kinds:
 
 * ROWS — requests for one (table, format): ``u64 first lsn | u16 parts | u8 format | u8 table
-  length | table | (u32 rows, u32 bytes) per part | the parts' payloads``. Every accepted request
+  length | table | (u32 rows, u32 bytes) per part | the parts' payloads``. Format 255 means rows
+  with a column list or settings of their own (``buffer.shape``): ``u16 length | shape`` follows
+  the table. Every accepted request
   has a log sequence number (lsn), increasing for the life of the log; the writer packs the
   consecutive requests of one key into one record.
 * BATCH — a batch about to be inserted: ``u16 token length | token | u32 ranges | (u64 first lsn,
@@ -62,6 +64,7 @@ _SEGMENT = re.compile(r"seg-(\d{16})\.wal")
 # ClickHouse format names, by their code in ROWS records (append only: the code is on disk).
 FORMAT_CODES = ("JSONEachRow", "JSONCompactEachRow", "CSV", "TabSeparated", "RowBinary", "Native")
 FORMAT_CODE = {name: code for code, name in enumerate(FORMAT_CODES)}
+SHAPED = 255  # the format code of rows whose shape is more than a format (u16 length | shape follows)
 
 
 class Kind(enum.IntEnum):
@@ -103,7 +106,11 @@ def frame(kind: Kind, parts: list[bytes], salt: int) -> list[bytes]:
 
 def rows_record(first_lsn: int, fmt: str, table: str, parts: list[tuple[int, bytes]], salt: int) -> list[bytes]:
     name = table.encode()
-    head = ROWS_HEAD.pack(first_lsn, len(parts), FORMAT_CODE[fmt], len(name)) + name
+    code = FORMAT_CODE.get(fmt, SHAPED)
+    head = ROWS_HEAD.pack(first_lsn, len(parts), code, len(name)) + name
+    if code == SHAPED:
+        shape = fmt.encode()
+        head += TOKEN_LENGTH.pack(len(shape)) + shape
     flat = [n for rows, payload in parts for n in (rows, len(payload))]
     sizes = struct.pack(f"<{len(flat)}I", *flat)
     payloads = [payload for _, payload in parts]
@@ -162,6 +169,12 @@ def decode_rows(body: memoryview, body_offset: int) -> RowsRecord:
     at = ROWS_HEAD.size
     table = bytes(body[at:at + table_len]).decode()
     at += table_len
+    if code == SHAPED:
+        (n_shape,) = TOKEN_LENGTH.unpack_from(body, at)
+        fmt = bytes(body[at + TOKEN_LENGTH.size:at + TOKEN_LENGTH.size + n_shape]).decode()
+        at += TOKEN_LENGTH.size + n_shape
+    else:
+        fmt = FORMAT_CODES[code]
     sizes = list(PART.iter_unpack(body[at:at + n * PART.size]))
     if len(sizes) != n:
         raise ValueError("ROWS record shorter than its parts' sizes")
@@ -172,7 +185,7 @@ def decode_rows(body: memoryview, body_offset: int) -> RowsRecord:
         at += size
     if at != len(body):
         raise ValueError("ROWS record parts do not add up to its length")
-    return RowsRecord(first, FORMAT_CODES[code], table, tuple(parts))
+    return RowsRecord(first, fmt, table, tuple(parts))
 
 
 def decode_batch(body: memoryview) -> tuple[str, list[Range]]:

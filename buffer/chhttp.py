@@ -1,0 +1,447 @@
+"""ClickHouse's HTTP interface on the buffer: existing ClickHouse clients write through it by
+changing a URL (``--clickhouse-http-listen``).
+
+An ``INSERT INTO [db.]table [(columns)] [SETTINGS …] FORMAT name`` goes the way a gRPC write goes:
+the same checks, bounds, write-ahead log, flusher and deduplication tokens. The statement may be in
+the ``query`` parameter, at the head of the body, or split between them, as ClickHouse takes it; its
+head is read by ``buffer.chsql``'s tokenizer, and the table and columns are checked against the
+catalog. Rows are batched by table, column list, format and the settings that change how
+ClickHouse parses them (``buffer.shape``), so inserts that differ in any of them never share an
+insert.
+
+What a 200 means: DURABLE (on this buffer's disk) when the log is on, else BUFFERED;
+``wait_for_async_insert=1`` makes it COMMITTED (in ClickHouse), ``wait_for_async_insert=0``
+BUFFERED. A full buffer or a draining one answers 503 with ``Retry-After``. Every refusal is in
+ClickHouse's own form (``Code: N. DB::Exception: …`` and ``X-ClickHouse-Exception-Code``), so client
+libraries raise their usual exceptions with this buffer's message.
+
+Read queries (``SELECT``, ``SHOW``, ``DESCRIBE``…; what clients ask when they connect) run in the
+serving process's engine when it is the embedded one, read-only, and are forwarded to ClickHouse
+with the client's own credentials otherwise. Other statements are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import ClientSession, ClientTimeout, web
+
+from buffer import __version__
+from buffer.api import FORMATS
+from buffer.api import ingest_pb2 as pb
+from buffer.catalog import TableCatalog
+from buffer.chsql import SqlError, first_word, parse_insert, tokens
+from buffer.client import ACK_NAMES
+from buffer.lifecycle import Lifecycle
+from buffer.refusals import (
+    BufferClosed,
+    BufferFull,
+    CommitFailed,
+    InvalidRequest,
+    LogUnavailable,
+    Refusal,
+    UnknownTable,
+)
+from buffer.routines import Routine
+from buffer.service import IngestService
+from buffer.shape import shape
+
+log = logging.getLogger(__name__)
+
+# ClickHouse's names for the formats buffered here (case does not matter, as in ClickHouse).
+HTTP_FORMATS: dict[str, int] = {
+    "jsoneachrow": pb.FORMAT_JSON_EACH_ROW, "jsonlines": pb.FORMAT_JSON_EACH_ROW, "ndjson": pb.FORMAT_JSON_EACH_ROW,
+    "jsoncompacteachrow": pb.FORMAT_JSON_COMPACT_EACH_ROW, "csv": pb.FORMAT_CSV,
+    "tabseparated": pb.FORMAT_TSV, "tsv": pb.FORMAT_TSV,
+}
+WORKING = "JSONEachRow, JSONCompactEachRow, CSV or TabSeparated (TSV)"
+READS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
+# URL parameters that are the HTTP transport's, not settings of the insert.
+TRANSPORT = frozenset({
+    "query", "database", "default_format", "query_id", "session_id", "session_timeout", "session_check",
+    "compress", "decompress", "enable_http_compression", "wait_end_of_query", "send_progress_in_http_headers",
+    "http_headers_progress_interval_ms", "client_protocol_version", "user", "password", "quota_key",
+    "buffer_size", "http_response_buffer_size", "cancel_http_readonly_queries_on_client_close",
+    "http_wait_end_of_query", "max_result_rows", "max_result_bytes", "result_overflow_mode", "readonly",
+    "async_insert", "wait_for_async_insert", "insert_deduplication_token",
+})
+# Settings that change how ClickHouse reads the rows: kept with them, applied when they are inserted.
+PARSING_PREFIXES = ("input_format_", "format_", "date_time_", "cast_", "schema_inference_", "errors_")
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_SETTING_VALUE = 4096
+MAX_SHAPE = 60_000  # the log keeps a shape in 64 KiB
+_DEFAULT_FORMAT = "TabSeparated"
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Failure(Exception):
+    """An answer in ClickHouse's error form."""
+
+    status: int
+    code: int
+    name: str
+    message: str
+    retry_after: float | None = None
+
+    def response(self, query_id: str) -> web.Response:
+        body = (f"Code: {self.code}. DB::Exception: {self.message}. ({self.name}) "
+                f"(version ingest-buffer {__version__})\n")
+        headers = {"X-ClickHouse-Exception-Code": str(self.code), "X-ClickHouse-Query-Id": query_id,
+                   "X-ClickHouse-Server-Display-Name": "ingest-buffer"}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        return web.Response(status=self.status, text=body, headers=headers)
+
+
+_CODE = re.compile(r"Code: (\d+)\.")
+_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
+
+
+def _refused(refusal: Refusal) -> Failure:
+    """A write the buffer refused, as ClickHouse would say it."""
+    message = refusal.message
+    if isinstance(refusal, BufferFull):
+        return Failure(503, 745, "SERVER_OVERLOADED", message, refusal.retry_after)
+    if isinstance(refusal, BufferClosed | LogUnavailable):
+        return Failure(503, 745, "SERVER_OVERLOADED", message + ": send to another replica, or retry", 1.0)
+    if isinstance(refusal, UnknownTable):
+        return Failure(404, 60, "UNKNOWN_TABLE", message)
+    if isinstance(refusal, CommitFailed):  # ClickHouse's own error for the rows, when the message names one
+        code = _CODE.search(message)
+        name = _NAME.search(message)
+        return Failure(500, int(code.group(1)) if code else 1002, name.group(1) if name else "UNKNOWN_EXCEPTION",
+                       message)
+    if isinstance(refusal, InvalidRequest):
+        if refusal.reason == "too_large":
+            return Failure(413, 290, "LIMIT_EXCEEDED", message)
+        if refusal.reason == "empty":
+            return Failure(400, 108, "NO_DATA_TO_INSERT", message)
+        return Failure(400, 27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED", message)
+    return Failure(501, 48, "NOT_IMPLEMENTED", message)
+
+
+def _sql_failure(exc: SqlError) -> Failure:
+    return Failure({62: 400, 48: 501}.get(exc.code, 400), exc.code, exc.name, exc.message)
+
+
+@dataclass
+class HttpWrite:
+    """A WriteRequest's fields, and the key's shape: what the write path takes from this listener."""
+
+    table: str
+    format: int
+    rows: bytes
+    shape: str
+    ack_level: int
+    producer: str = ""
+    sequence: int = 0
+    row_count: int = 0
+
+
+class _Deadline:
+    def time_remaining(self) -> float | None:
+        return None  # an HTTP client's own timeout is not known here; --block-timeout bounds the wait
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent before ``Content-Encoding``, at most ``limit`` bytes (more raises)."""
+    encoding = encoding.strip().lower()
+    whole = True  # the compressed stream ended where the body did (else it was cut short)
+    try:
+        if encoding in ("", "identity", "none"):
+            out = body
+        elif encoding in ("gzip", "x-gzip", "deflate"):
+            d = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, as ClickHouse clients send them
+            out = d.decompress(body, limit + 1)
+            whole = d.eof
+        elif encoding == "zstd":
+            import zstandard
+
+            # In small steps: a few bytes of zstd may stand for megabytes, so the bound is checked as it grows.
+            z = zstandard.ZstdDecompressor().decompressobj()
+            pieces, size, at = [], 0, 0
+            while at < len(body) and size <= limit and not z.eof:
+                piece = z.decompress(body[at:at + 256])
+                at += 256
+                pieces.append(piece)
+                size += len(piece)
+            out, whole = b"".join(pieces), z.eof
+            if z.eof and (z.unused_data or at < len(body)):
+                raise Failure(400, 271, "CANNOT_DECOMPRESS", "the zstd body holds more than one frame: compress it "
+                              "as one")
+        elif encoding == "lz4":
+            import lz4.frame
+
+            f = lz4.frame.LZ4FrameDecompressor()
+            out = f.decompress(body, max_length=limit + 1)
+            whole = f.eof
+        elif encoding in ("br", "brotli"):
+            import brotli  # type: ignore[import-untyped]
+
+            b = brotli.Decompressor()
+            out = b.process(body, output_buffer_limit=limit + 1)
+            whole = b.is_finished()
+        else:
+            raise Failure(400, 89, "UNKNOWN_COMPRESSION_METHOD",
+                          f"Content-Encoding {encoding!r} is not one this buffer reads: use gzip, deflate, zstd, lz4 "
+                          "or br")
+    except Failure:
+        raise
+    except Exception as exc:
+        raise Failure(400, 271, "CANNOT_DECOMPRESS",
+                      f"the body could not be decompressed as {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise Failure(413, 290, "LIMIT_EXCEEDED", f"the body is over {limit:,} bytes once decompressed "
+                      "(--max-request-bytes): split the insert")
+    if not whole:
+        raise Failure(400, 271, "CANNOT_DECOMPRESS", f"the {encoding} body ends before its compressed stream does: "
+                      "it was cut short")
+    return out
+
+
+class ClickHouseHttp(Routine):
+    """The listener: a routine beside the gRPC server, on the same event loop."""
+
+    name = "clickhouse-http"
+
+    def __init__(self, host: str, port: int, service: IngestService, catalog: TableCatalog, lifecycle: Lifecycle, *,
+                 database: str, max_request_bytes: int, logged: bool, run_read: Callable[..., bytes] | None,
+                 forward_to: str | None) -> None:
+        self.host, self.port = host, port
+        self.service = service
+        self.catalog = catalog
+        self.lifecycle = lifecycle
+        self.database = database
+        self.max_request_bytes = max_request_bytes
+        self.default_ack = pb.ACK_LEVEL_DURABLE if logged else pb.ACK_LEVEL_BUFFERED
+        self.run_read = run_read  # the embedded engine: (sql, settings) -> bytes, in a thread
+        self.forward_to = forward_to  # a ClickHouse server's HTTP URL, for read queries
+        self.bound = ""
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+        self._stopped = asyncio.Event()
+
+    def stop_budget(self) -> float | None:
+        return self.lifecycle.remaining() + 2.0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/ping", self._ping)
+        app.router.add_route("GET", "/", self._handle)
+        app.router.add_route("POST", "/", self._handle)
+        # The body is decompressed here (lz4 and ClickHouse's spellings included), bounded.
+        # At stop, requests in progress (a COMMITTED insert waiting for ClickHouse) get SHUTDOWN_GRACE.
+        runner = web.AppRunner(app, auto_decompress=False, access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise RuntimeError(f"cannot listen for ClickHouse HTTP on {self.host}:{self.port}: {exc}") from None
+        self._runner = runner
+        sockets = [s.getsockname() for s in getattr(site._server, "sockets", ())]
+        port = sockets[0][1] if sockets else self.port
+        self.bound = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+        log.info("ClickHouse HTTP interface listening on %s", self.bound, extra={"clickhouse_http_listen": self.bound})
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        try:
+            self.lifecycle.shutdown()  # as the gRPC listener does: refuses now, unless a drain is under way
+            await self.lifecycle.refusing.wait()  # inserts are taken until the buffer refuses (then 503)
+            if self._runner is not None:
+                await self._runner.shutdown()
+                await self._runner.cleanup()
+            if self._session is not None:
+                await self._session.close()
+        finally:
+            self._stopped.set()
+
+    # ----- requests -----------------------------------------------------------------------
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ok.\n")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        query_id = request.query.get("query_id") or str(uuid.uuid4())
+        try:
+            query = request.query.get("query", "")
+            body = await self._body(request) if request.method == "POST" else b""
+            if not query and not body:
+                return web.Response(text="Ok.\n")  # what ClickHouse answers a bare GET /
+            text = (query.encode() + b"\n" + body) if query else body
+            word = first_word(text)
+            if word == "INSERT":
+                return await self._insert(request, text, query_id)
+            if word in READS:
+                return await self._read(request, text, query, body, query_id)
+            raise Failure(501, 48, "NOT_IMPLEMENTED",
+                          f"{word or 'this statement'} is not taken by ingest-buffer, which buffers INSERT … FORMAT "
+                          f"{WORKING} and answers read queries: run it against ClickHouse")
+        except Failure as failure:
+            return failure.response(query_id)
+        except SqlError as exc:
+            return _sql_failure(exc).response(query_id)
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.max_request_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise Failure(413, 290, "LIMIT_EXCEEDED", f"the body is over {limit:,} bytes (--max-request-bytes): "
+                              "split the insert")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return decompress(body, request.headers.get("Content-Encoding", ""), limit)
+
+    def _settings(self, request: web.Request, clause: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        settings = {k: v for k, v in request.query.items() if not k.startswith("param_")}
+        settings.update(clause)
+        for name, value in settings.items():
+            if not _SETTING_NAME.fullmatch(name):
+                raise Failure(400, 115, "UNKNOWN_SETTING", f"{name[:100]!r} is not a setting's name")
+            if len(value) > MAX_SETTING_VALUE and name not in TRANSPORT:
+                raise Failure(400, 36, "BAD_ARGUMENTS", f"the setting {name} is {len(value):,} characters long; at "
+                              f"most {MAX_SETTING_VALUE:,}")
+        return settings
+
+    async def _insert(self, request: web.Request, text: bytes, query_id: str) -> web.Response:
+        insert = parse_insert(text)
+        database = insert.database or request.query.get("database") or request.headers.get("X-ClickHouse-Database")
+        if database and database != self.database:
+            raise Failure(404, 81, "UNKNOWN_DATABASE", f"this buffer writes to the database {self.database!r}, "
+                          f"not {database!r}: insert into {self.database}.{insert.table}, or send to a buffer for "
+                          f"{database}")
+        fmt = HTTP_FORMATS.get(insert.format.lower())
+        if fmt is None:
+            raise Failure(501, 48, "NOT_IMPLEMENTED",
+                          f"FORMAT {insert.format} is not buffered: send the rows as {WORKING}")
+        settings = self._settings(request, insert.settings)
+        columns = insert.columns or ()
+        if columns:
+            columns = self._check_columns(insert.table, columns)
+        parsing = tuple(sorted((k, v) for k, v in settings.items()
+                               if k not in TRANSPORT and k.startswith(PARSING_PREFIXES)))
+        key_shape = shape(FORMATS[fmt][0], columns, parsing)
+        if len(key_shape.encode()) > MAX_SHAPE:
+            raise Failure(400, 36, "BAD_ARGUMENTS", f"the column list and settings are {len(key_shape):,} bytes; at "
+                          f"most {MAX_SHAPE:,}")
+        wait = settings.get("wait_for_async_insert")
+        ack = pb.ACK_LEVEL_COMMITTED if wait in ("1", "true") else (
+            pb.ACK_LEVEL_BUFFERED if wait in ("0", "false") else self.default_ack)
+        write = HttpWrite(insert.table, fmt, text[insert.data_start:], key_shape, ack)
+        token = settings.get("insert_deduplication_token")
+        if token:  # a retry with the same token is answered as the first, and adds nothing
+            write.producer = "http:" + hashlib.sha256(f"{insert.table}\0{token}".encode()).hexdigest()[:48]
+        try:
+            reply = await self.service.http_write(write, _Deadline())
+        except Refusal as refusal:
+            raise _refused(refusal) from None
+        summary = {"read_rows": str(reply.rows), "read_bytes": str(reply.bytes), "written_rows": str(reply.rows),
+                   "written_bytes": str(reply.bytes), "total_rows_to_read": "0", "result_rows": "0",
+                   "result_bytes": "0"}
+        headers = {"X-ClickHouse-Summary": orjson.dumps(summary).decode(), "X-ClickHouse-Query-Id": query_id,
+                   "X-ClickHouse-Server-Display-Name": "ingest-buffer",
+                   "X-Ingest-Buffer-Ack": ACK_NAMES.get(reply.ack_level, "buffered")}
+        if reply.duplicate:
+            headers["X-Ingest-Buffer-Duplicate"] = "1"
+        return web.Response(text="", headers=headers)
+
+    def _check_columns(self, table: str, columns: tuple[str, ...]) -> tuple[str, ...]:
+        """The column list as the key keeps it: () when it is the table's own, in order."""
+        twice = [c for i, c in enumerate(columns) if c in columns[:i]]
+        if twice:
+            raise Failure(400, 15, "DUPLICATE_COLUMN", f"the column {twice[0]!r} is named twice in the column list")
+        known = self.catalog.column_order(table)
+        if known is None:
+            return columns  # not known yet: ClickHouse checks them at insert (the flusher holds the rows)
+        missing = [c for c in columns if c not in known]
+        if missing:
+            raise Failure(400, 16, "NO_SUCH_COLUMN_IN_TABLE", f"no column {missing[0]!r} in the table "
+                          f"{self.database}.{table} (its columns: {', '.join(known)[:500]})")
+        return () if columns == known else columns
+
+    async def _read(self, request: web.Request, text: bytes, query: str, body: bytes,
+                    query_id: str) -> web.StreamResponse:
+        if self.run_read is not None:
+            return await self._read_here(request, text, query_id)
+        if self.forward_to is not None:
+            return await self._forward(request, query, body, query_id)
+        raise Failure(501, 48, "NOT_IMPLEMENTED", "read queries are not forwarded by this buffer: query ClickHouse")
+
+    async def _read_here(self, request: web.Request, text: bytes, query_id: str) -> web.Response:
+        """On the embedded engine, read-only (readonly=2: settings may change, nothing is written)."""
+        params = {k[6:]: v for k, v in request.query.items() if k.startswith("param_")}
+        fmt = _output_format(text) or request.query.get("default_format") or _DEFAULT_FORMAT
+        sql = text.decode("utf-8", "replace")
+        run_read = self.run_read
+        assert run_read is not None
+        try:
+            data = await asyncio.to_thread(run_read, sql, params, None if _output_format(text) else fmt)
+        except Exception as exc:
+            message = str(exc)
+            code = _CODE.search(message)
+            name = _NAME.search(message)
+            text_of = message.split("DB::Exception: ", 1)[-1].rsplit(" (", 1)[0] if code else message
+            number = int(code.group(1)) if code else 1002
+            raise Failure(_STATUS.get(number, 500), number, name.group(1) if name else "UNKNOWN_EXCEPTION",
+                          text_of[:4000]) from None
+        return web.Response(body=data, headers={"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Format": fmt,
+                                                "X-ClickHouse-Timezone": "UTC",
+                                                "X-ClickHouse-Server-Display-Name": "ingest-buffer"})
+
+    async def _forward(self, request: web.Request, query: str, body: bytes, query_id: str) -> web.StreamResponse:
+        """To ClickHouse, with the client's credentials and nothing of this buffer's: its grants decide."""
+        if self._session is None:
+            self._session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in _FORWARDED_HEADERS or k.lower().startswith("x-clickhouse-")}
+        params = [(k, v) for k, v in request.query.items()]
+        assert self.forward_to is not None
+        async with self._session.post(self.forward_to, params=params, data=body, headers=headers) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+# The body goes on decompressed (it was read here), so without its Content-Encoding.
+_FORWARDED_HEADERS = frozenset({"authorization", "content-type", "accept-encoding"})
+_STATUS = {60: 404, 81: 404, 16: 404, 47: 404, 46: 404, 62: 400, 6: 400, 27: 400, 36: 400, 164: 403, 497: 403,
+           516: 403, 48: 501}
+
+
+def _output_format(text: bytes) -> str | None:
+    """The statement's own FORMAT clause, if it has one (the last FORMAT keyword and the name after it)."""
+    found = None
+    previous = None
+    try:
+        for token in tokens(text[:256 * 1024]):
+            if previous is not None and previous.keyword("FORMAT") and token.kind in ("word", "quoted"):
+                found = token.value
+            previous = token
+    except SqlError:
+        return None
+    return found
+
+
+__all__ = ["ClickHouseHttp", "Failure", "HttpWrite", "decompress"]

@@ -1,0 +1,211 @@
+"""ClickHouse's HTTP interface on the buffer, driven by clients no one here wrote: clickhouse-connect
+and curl, against the real buffer on a real port and the real ClickHouse engine (embedded, and a
+ClickHouse HTTP endpoint that read queries are forwarded to)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import pytest
+import zstandard
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from tests.conftest import ClickHouse, Running
+
+
+def listener(buf: Running) -> tuple[str, int]:
+    assert buf.app.clickhouse_http is not None
+    host, port = buf.app.clickhouse_http.bound.rsplit(":", 1)
+    return host, int(port)
+
+
+async def start(start_buffer: Callable[..., Any], **settings: Any) -> Running:
+    return await start_buffer(clickhouse_http_listen="127.0.0.1:0", **settings)
+
+
+def post(buf: Running, body: bytes, query: str = "", headers: dict[str, str] | None = None,
+         **params: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = listener(buf)
+    if query:
+        params["query"] = query
+    url = f"http://{host}:{port}/?" + urllib.parse.urlencode(params)
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def client(buf: Running, clickhouse: ClickHouse) -> Any:
+    host, port = listener(buf)
+    return clickhouse_connect.get_client(host=host, port=port, database=clickhouse.database)
+
+
+async def test_clickhouse_connect_connects_and_its_raw_inserts_land_exactly_once(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("events")
+    buf = await start(start_buffer)
+
+    def use() -> Any:
+        c = client(buf, clickhouse)
+        c.raw_insert("events", None, b'{"id":1,"s":"a"}\n{"id":2,"s":"b"}\n', fmt="JSONEachRow")
+        c.raw_insert("events", ["id", "s"], b"3,c\n4,d\n", fmt="CSV")
+        c.raw_insert(f"{clickhouse.database}.events", None, b"5\te\n", fmt="TabSeparated")
+        return c
+
+    c = await asyncio.to_thread(use)
+    await buf.flush()
+    rows = await asyncio.to_thread(lambda: c.query("SELECT id, s FROM events ORDER BY id").result_rows)
+    assert rows == [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")]  # read back through the buffer
+    assert clickhouse.count("events") == 5
+
+
+async def test_a_column_list_inserts_those_columns_and_the_table_fills_the_rest(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("wide", "id UInt64, s String, n UInt32 DEFAULT 7")
+    buf = await start(start_buffer)
+    status, _, _ = await asyncio.to_thread(post, buf, b'{"id":1}\n', "INSERT INTO wide (id) FORMAT JSONEachRow")
+    assert status == 200
+    status, _, _ = await asyncio.to_thread(post, buf, b'{"id":2,"s":"x","n":1}\n',
+                                           "INSERT INTO wide FORMAT JSONEachRow")
+    assert status == 200
+    await buf.flush()
+    assert clickhouse.client.query(f"SELECT id, s, n FROM {clickhouse.database}.wide ORDER BY id").result_rows == [
+        (1, "", 7), (2, "x", 1)]
+
+
+async def test_settings_that_change_parsing_go_with_their_rows(clickhouse: ClickHouse,
+                                                               start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    # Skipping an unknown field is a parsing setting: without it the same row is refused by ClickHouse.
+    status, _, body = await asyncio.to_thread(
+        post, buf, b'{"id":1,"s":"a","extra":5}\n', "INSERT INTO t FORMAT JSONEachRow",
+        input_format_skip_unknown_fields="1")
+    assert status == 200, body
+    status, _, _ = await asyncio.to_thread(
+        post, buf, b'INSERT INTO t SETTINGS input_format_skip_unknown_fields = 1 FORMAT JSONEachRow\n'
+                   b'{"id":2,"s":"b","other":1}\n')
+    assert status == 200
+    await buf.flush()
+    assert clickhouse.count("t") == 2
+
+
+async def test_curl_with_gzip_and_zstd_bodies_and_the_query_in_the_body(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any], tmp_path: Path) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    host, port = listener(buf)
+    plain = tmp_path / "rows.csv"
+    plain.write_bytes(b"".join(b"%d,row %d\n" % (i, i) for i in range(1000)))
+    (tmp_path / "rows.gz").write_bytes(gzip.compress(b"".join(b"%d,row %d\n" % (i, i) for i in range(1000, 2000))))
+    (tmp_path / "rows.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        b"INSERT INTO t FORMAT CSV\n" + b"".join(b"%d,row %d\n" % (i, i) for i in range(2000, 3000))))
+    url = f"http://{host}:{port}/"
+    q = urllib.parse.quote("INSERT INTO t FORMAT CSV")
+
+    def curl(*args: str) -> str:
+        out = subprocess.run(["curl", "-sS", "-w", " %{http_code}", *args], capture_output=True, text=True,
+                             timeout=30, check=True)
+        return out.stdout
+
+    results = await asyncio.to_thread(lambda: [
+        curl("--data-binary", f"@{plain}", f"{url}?query={q}"),
+        curl("--data-binary", f"@{tmp_path / 'rows.gz'}", "-H", "Content-Encoding: gzip", f"{url}?query={q}"),
+        curl("--data-binary", f"@{tmp_path / 'rows.zst'}", "-H", "Content-Encoding: zstd", url),
+        curl("-H", "Transfer-Encoding: chunked", "--data-binary", f"@{plain}", f"{url}?query={q}"),
+    ])
+    assert [r.rsplit(" ", 1)[1] for r in results] == ["200"] * 4, results
+    await buf.flush()
+    # The chunked upload repeated the first file: ClickHouse counts it twice, the buffer took it twice.
+    assert clickhouse.count("t") == 4000
+
+
+@pytest.mark.parametrize(("query", "body", "code", "status", "words"), [
+    ("INSERT INTO nope FORMAT JSONEachRow", b'{"id":1}\n', 60, 404, "nope"),
+    ("INSERT INTO t FORMAT JSONEachRow", b'{"id":1,"s":"a"}\n{"id":2', 27, 400, "newline"),
+    ("INSERT INTO t VALUES", b"(1, 'a')", 48, 501, "FORMAT JSONEachRow"),
+    ("INSERT INTO t SELECT 1, 'a'", b"", 48, 501, "INSERT … SELECT"),
+    ("INSERT INTO t FORMAT Parquet", b"PAR1", 48, 501, "Parquet"),
+    ("INSERT INTO t (id, missing) FORMAT CSV", b"1,2\n", 16, 400, "missing"),
+    ("INSERT INTO other.t FORMAT CSV", b"1,a\n", 81, 404, "other"),
+    ("INSERT INTO t FORMAT", b"", 62, 400, "format's name"),
+    ("DROP TABLE t", b"", 48, 501, "DROP"),
+])
+async def test_bad_input_gets_clickhouses_status_code_and_a_message_that_says_what_to_do(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any], query: str, body: bytes, code: int, status: int,
+        words: str) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    got, headers, text = await asyncio.to_thread(post, buf, body, query)
+    message = text.decode()
+    assert (got, headers.get("X-ClickHouse-Exception-Code")) == (status, str(code)), message
+    assert message.startswith(f"Code: {code}. DB::Exception: ") and words in message
+    # Nothing else was lost: a good insert beside it lands.
+    ok, _, _ = await asyncio.to_thread(post, buf, b'{"id":9,"s":"ok"}\n', "INSERT INTO t FORMAT JSONEachRow")
+    assert ok == 200
+    await buf.flush()
+    assert clickhouse.count("t") == 1
+
+
+async def test_clickhouse_connect_raises_its_usual_exception_with_the_buffers_message(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    buf = await start(start_buffer)
+    c = await asyncio.to_thread(client, buf, clickhouse)
+    with pytest.raises(DatabaseError, match="missing_table"):
+        await asyncio.to_thread(c.raw_insert, "missing_table", None, b'{"id":1}\n', fmt="JSONEachRow")
+
+
+async def test_a_full_buffer_answers_503_with_retry_after(clickhouse: ClickHouse,
+                                                          start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer, buffer_max_bytes="4KiB", max_request_bytes="4KiB", flush_max_bytes="4KiB",
+                      flush_interval="1h", when_full="reject")
+    row = b'{"id":1,"s":"%s"}\n' % (b"x" * 3000)
+    first, _, _ = await asyncio.to_thread(post, buf, row, "INSERT INTO t FORMAT JSONEachRow")
+    second, headers, text = await asyncio.to_thread(post, buf, row, "INSERT INTO t FORMAT JSONEachRow")
+    assert first == 200
+    assert second == 503 and int(headers["Retry-After"]) >= 1, text
+    assert b"Code: 745." in text and b"full" in text
+
+
+async def test_wait_for_async_insert_answers_once_the_rows_are_in_clickhouse(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer, flush_interval="200ms")
+    status, headers, _ = await asyncio.to_thread(post, buf, b"1,a\n2,b\n", "INSERT INTO t FORMAT CSV",
+                                                 wait_for_async_insert="1")
+    assert status == 200 and headers["X-Ingest-Buffer-Ack"] == "committed"
+    assert clickhouse.count("t") == 2  # no flush asked for: the 200 came after ClickHouse took them
+
+
+async def test_a_retry_with_the_same_deduplication_token_adds_nothing(clickhouse: ClickHouse,
+                                                                      start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    answers = [await asyncio.to_thread(post, buf, b"1,a\n2,b\n", "INSERT INTO t FORMAT CSV",
+                                       insert_deduplication_token="batch-7") for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [a[1].get("X-Ingest-Buffer-Duplicate") for a in answers] == [None, "1", "1"]
+    await buf.flush()
+    assert clickhouse.count("t") == 2
+
+
+async def test_inserts_are_refused_with_503_once_the_buffer_drains(clickhouse: ClickHouse,
+                                                                   start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    buf.app.lifecycle.shutdown()
+    await buf.app.lifecycle.refusing.wait()
+    status, headers, text = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV")
+    assert status == 503 and "Retry-After" in headers, text
