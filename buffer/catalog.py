@@ -92,6 +92,14 @@ class TableCatalog:
         """The table's columns in order (None when not known)."""
         return self.schema.columns.get(table) if self.schema is not None else None
 
+    def column_types(self, table: str) -> dict[str, str]:
+        """The types of the columns an insert may name (empty when not known)."""
+        return dict(self.schema.inserted.get(table, ())) if self.schema is not None else {}
+
+    def inserted(self, table: str) -> tuple[tuple[str, str], ...] | None:
+        """(name, type) of what an insert without a column list takes, in order (None when not known)."""
+        return self.schema.inserted.get(table) if self.schema is not None else None
+
     async def check(self, table: str) -> None:
         """Raises UnknownTable for a table the client may not write to (the slow path)."""
         if self.allowlist and table not in self.allowlist:

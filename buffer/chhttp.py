@@ -38,9 +38,10 @@ from buffer import __version__
 from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
-from buffer.chsql import SqlError, first_word, parse_insert, tokens
+from buffer.chsql import WORKING, SqlError, first_word, parse_insert, tokens
 from buffer.client import ACK_NAMES
 from buffer.lifecycle import Lifecycle
+from buffer.native import NativeError, count_row_binary, count_rows
 from buffer.refusals import (
     BufferClosed,
     BufferFull,
@@ -60,9 +61,9 @@ log = logging.getLogger(__name__)
 HTTP_FORMATS: dict[str, int] = {
     "jsoneachrow": pb.FORMAT_JSON_EACH_ROW, "jsonlines": pb.FORMAT_JSON_EACH_ROW, "ndjson": pb.FORMAT_JSON_EACH_ROW,
     "jsoncompacteachrow": pb.FORMAT_JSON_COMPACT_EACH_ROW, "csv": pb.FORMAT_CSV,
-    "tabseparated": pb.FORMAT_TSV, "tsv": pb.FORMAT_TSV,
+    "tabseparated": pb.FORMAT_TSV, "tsv": pb.FORMAT_TSV, "native": pb.FORMAT_NATIVE,
+    "rowbinary": pb.FORMAT_ROW_BINARY,
 }
-WORKING = "JSONEachRow, JSONCompactEachRow, CSV or TabSeparated (TSV)"
 READS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
 # URL parameters that are the HTTP transport's, not settings of the insert.
 TRANSPORT = frozenset({
@@ -345,6 +346,13 @@ class ClickHouseHttp(Routine):
         ack = pb.ACK_LEVEL_COMMITTED if wait in ("1", "true") else (
             pb.ACK_LEVEL_BUFFERED if wait in ("0", "false") else self.default_ack)
         write = HttpWrite(insert.table, fmt, text[insert.data_start:], key_shape, ack)
+        if fmt in (pb.FORMAT_NATIVE, pb.FORMAT_ROW_BINARY):  # they do not say how many rows they hold
+            try:
+                write.row_count = count_rows(write.rows) if fmt == pb.FORMAT_NATIVE else count_row_binary(
+                    write.rows, self._types(insert.table, insert.columns))
+            except NativeError as exc:
+                raise Failure(501, 48, "NOT_IMPLEMENTED", exc.message) if exc.unsupported else Failure(
+                    400, 27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED", exc.message) from None
         token = settings.get("insert_deduplication_token")
         if token:  # a retry with the same token is answered as the first, and adds nothing
             write.producer = "http:" + hashlib.sha256(f"{insert.table}\0{token}".encode()).hexdigest()[:48]
@@ -361,6 +369,13 @@ class ClickHouseHttp(Routine):
         if reply.duplicate:
             headers["X-Ingest-Buffer-Duplicate"] = "1"
         return web.Response(text="", headers=headers)
+
+    def _types(self, table: str, columns: tuple[str, ...] | None) -> list[str]:
+        """The types of the columns a RowBinary body holds, in order ([] when they are not known)."""
+        if not columns:
+            return [t for _, t in self.catalog.inserted(table) or ()]
+        types = self.catalog.column_types(table)
+        return [types[c] for c in columns] if all(c in types for c in columns) else []
 
     def _check_columns(self, table: str, columns: tuple[str, ...]) -> tuple[str, ...]:
         """The column list as the key keeps it: () when it is the table's own, in order."""

@@ -172,7 +172,7 @@ def _shown(token: Token) -> str:
     return "the end of the statement" if token.kind == "end" else repr(token.value[:40])
 
 
-WORKING = "JSONEachRow, JSONCompactEachRow, CSV, TabSeparated (TSV), RowBinary or Native"
+WORKING = "JSONEachRow, JSONCompactEachRow, CSV, TabSeparated (TSV), RowBinary or Native"  # what buffer.chhttp takes
 
 
 def parse_insert(text: bytes) -> Insert:

@@ -43,6 +43,8 @@ class Schema:
 
     database_exists: bool
     columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → column names
+    # table → (name, type) of the columns an INSERT without a column list takes (not MATERIALIZED, ALIAS)
+    inserted: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -201,16 +203,19 @@ class ClickHouseSink:
         params = {"db": self.database}
         try:
             tables = self.query_rows("SELECT name FROM system.tables WHERE database = {db:String}", params)
-            rows = self.query_rows("SELECT table, name FROM system.columns WHERE database = {db:String} "
-                                   "ORDER BY table, position", params)
+            rows = self.query_rows("SELECT table, name, type, default_kind FROM system.columns WHERE database = "
+                                   "{db:String} ORDER BY table, position", params)
         except Exception as exc:
             if error_code(exc) == UNKNOWN_DATABASE:  # every query names the database, so this one says it
                 return Schema(False)
             raise
         columns: dict[str, list[str]] = {str(name): [] for name, in tables}
-        for table, column in rows:
+        inserted: dict[str, list[tuple[str, str]]] = {}
+        for table, column, type_, kind in rows:
             columns.setdefault(str(table), []).append(str(column))
-        return Schema(True, {t: tuple(c) for t, c in columns.items()})
+            if kind not in ("MATERIALIZED", "ALIAS"):
+                inserted.setdefault(str(table), []).append((str(column), str(type_)))
+        return Schema(True, {t: tuple(c) for t, c in columns.items()}, {t: tuple(c) for t, c in inserted.items()})
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         result = self._call(lambda client: client.query(sql, parameters=parameters))

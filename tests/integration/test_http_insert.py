@@ -5,7 +5,9 @@ ClickHouse HTTP endpoint that read queries are forwarded to)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import struct
 import subprocess
 import urllib.error
 import urllib.parse
@@ -68,6 +70,49 @@ async def test_clickhouse_connect_connects_and_its_raw_inserts_land_exactly_once
     rows = await asyncio.to_thread(lambda: c.query("SELECT id, s FROM events ORDER BY id").result_rows)
     assert rows == [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")]  # read back through the buffer
     assert clickhouse.count("events") == 5
+
+
+async def test_clickhouse_connect_insert_of_python_rows_lands_exactly_once(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("typed", "id UInt64, s String, tags Array(LowCardinality(String)), m Map(String, UInt32), "
+                               "n Nullable(Float64), ts DateTime64(3), d Decimal(12, 2) DEFAULT 0")
+    buf = await start(start_buffer)
+    when = datetime.datetime(2026, 12, 1, 12, 0, 0, 123000)
+    rows = [[i, f"row {i}", [f"t{i % 3}", "x"], {"k": i}, None if i % 2 else i / 2, when] for i in range(3000)]
+
+    def use() -> Any:
+        c = client(buf, clickhouse)  # compresses inserts with lz4, sends Native, several blocks
+        c.insert("typed", rows, column_names=["id", "s", "tags", "m", "n", "ts"])
+        c.insert("typed", [[3000, "last", [], {}, 1.5, when]], column_names=["id", "s", "tags", "m", "n", "ts"])
+        return c
+
+    await asyncio.to_thread(use)
+    await buf.flush()
+    got = clickhouse.client.query(f"SELECT count(), uniqExact(id), sum(length(tags)), countIf(isNull(n)), "
+                                  f"max(ts), sum(m['k']) FROM {clickhouse.database}.typed").result_rows[0]
+    assert got == (3001, 3001, 6000, 1500, when, sum(range(3000)))
+
+
+async def test_row_binary_is_counted_by_the_catalogs_column_types_and_lands(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("rb", "id UInt64, s String, n Nullable(UInt8), tags Array(String), d UInt32 MATERIALIZED 5")
+
+    def row(i: int) -> bytes:  # RowBinary, by hand: UInt64, String, Nullable(UInt8), Array(String)
+        s = b"row %d" % i
+        return (struct.pack("<Q", i) + bytes([len(s)]) + s + (b"\x01" if i % 2 else b"\x00\x07")
+                + b"\x02" + b"\x01a" + b"\x02bc")
+
+    buf = await start(start_buffer)
+    c = await asyncio.to_thread(client, buf, clickhouse)
+    await asyncio.to_thread(c.raw_insert, "rb", None, b"".join(row(i) for i in range(500)), fmt="RowBinary")
+    await asyncio.to_thread(c.raw_insert, "rb", ["id", "s", "n", "tags"], row(500), fmt="RowBinary")
+    status, _, text = await asyncio.to_thread(post, buf, b"".join(row(i) for i in range(3))[:-1],
+                                              "INSERT INTO rb FORMAT RowBinary")
+    assert status == 400 and b"cut short" in text  # the last row is a byte short: refused whole
+    await buf.flush()
+    got = clickhouse.client.query(f"SELECT count(), countIf(isNull(n)), sum(length(tags)), min(d) "
+                                  f"FROM {clickhouse.database}.rb").result_rows[0]
+    assert got == (501, 250, 1002, 5)
 
 
 async def test_a_column_list_inserts_those_columns_and_the_table_fills_the_rest(
