@@ -111,6 +111,8 @@ class Ledger:
         self.committed_bytes = 0
         self.failed: dict[Outcome, int] = {}
         self.recounted_rows = 0  # counted in by lines, found fewer by ClickHouse (quoted CSV newlines)
+        # By the way the rows came in: [requests answered OK, rows in them, requests refused].
+        self.protocols: dict[str, list[int]] = {"grpc": [0, 0, 0], "clickhouse_http": [0, 0, 0]}
 
     # ----- entries ---------------------------------------------------------------------------
 
@@ -120,6 +122,11 @@ class Ledger:
             counts = self.refused[reason] = [0, 0]
         counts[0] += 1
         counts[1] += size
+
+    def answered(self, protocol: str, requests: int, rows: int) -> None:
+        counts = self.protocols[protocol]
+        counts[0] += requests
+        counts[1] += rows
 
     def commit(self, rows: int, size: int) -> None:
         self.committed_rows += rows

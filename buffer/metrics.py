@@ -41,6 +41,12 @@ def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecyc
               unit="{row}")
     t.observe("ingest_buffer_accepted", "bytes accepted into the buffer", _one(lambda: ledger.accepted_bytes),
               unit="By")
+    t.observe("ingest_buffer_protocol_requests", "write requests (stream messages) answered, by the way they came "
+              "(grpc, clickhouse_http) and outcome (ok, refused)",
+              lambda: [(n, {"protocol": p, "outcome": o}) for p, c in ledger.protocols.items()
+                       for o, n in (("ok", c[0]), ("refused", c[2]))])
+    t.observe("ingest_buffer_protocol_rows", "rows in write requests answered OK, by the way they came",
+              lambda: [(c[1], {"protocol": p}) for p, c in ledger.protocols.items()], unit="{row}")
     t.observe("ingest_buffer_rejected_requests", "requests refused, by reason",
               lambda: [(n, {"reason": r}) for r, (n, _) in ledger.refused.items()])
     t.observe("ingest_buffer_flushed_rows", "rows ClickHouse acknowledged (and wrote)",

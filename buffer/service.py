@@ -310,23 +310,27 @@ class IngestService:
             await self._refuse(context, refusal)
             return pb.WriteResponse()
 
-    async def _one_write(self, request: Any, context: Deadline) -> pb.WriteResponse:
-        """A Write, or one request of WriteBatches: keyed (a resend is answered) or not."""
+    async def _one_write(self, request: Any, context: Deadline, protocol: str = "grpc") -> pb.WriteResponse:
+        """A Write, one request of WriteBatches, or an HTTP insert: keyed (a resend is answered) or not."""
         ack = _ack_level(request.ack_level, self.wal is not None)
         if request.producer:
-            return await self._keyed_write(request, ack, context)
-        return await self._write(request, ack, context)
+            reply = await self._keyed_write(request, ack, context)
+        else:
+            reply = await self._write(request, ack, context)
+        self.ledger.answered(protocol, 1, reply.rows)
+        return reply
 
     async def http_write(self, request: Any, context: Deadline) -> pb.WriteResponse:
         """A write from ClickHouse's HTTP interface (buffer.chhttp): the path of a Write. ``request``
         has a Write's fields and the key's ``shape``."""
         try:
-            return await self._one_write(request, context)
+            return await self._one_write(request, context, "clickhouse_http")
         except Refusal as refusal:
-            self._count_refusal(refusal, len(request.rows))
+            self._count_refusal(refusal, len(request.rows), "clickhouse_http")
             raise
 
-    def _count_refusal(self, refusal: Refusal, size: int) -> None:
+    def _count_refusal(self, refusal: Refusal, size: int, protocol: str = "grpc") -> None:
+        self.ledger.protocols[protocol][2] += 1
         if not isinstance(refusal, CommitFailed):  # accepted rows that failed later are no refusal
             self.ledger.refuse(refusal.reason, size)
 
@@ -395,6 +399,7 @@ class IngestService:
                     n, nbytes, waiter, synced, entry = await self._accept(request, ack, context)
                 except Refusal as refusal:
                     self.ledger.refuse(refusal.reason, len(raw))
+                    self.ledger.protocols["grpc"][2] += 1
                     refusal.message = (f"message {messages + 1} of the stream: {refusal.message} "
                                        f"(the {messages} messages before it, {rows} rows, were accepted)")
                     raise
@@ -410,8 +415,10 @@ class IngestService:
                 raise self._unsynced()
             if waiting:
                 await self._committed(waiting)
+            self.ledger.answered("grpc", messages, rows)
             return pb.WriteStreamResponse(messages=messages, rows=rows, bytes=size, ack_level=ack)
         except Refusal as refusal:
+            self.ledger.answered("grpc", messages, rows)  # the messages before the refused one were taken
             await self._refuse(context, refusal, ((ACCEPTED_MESSAGES_KEY, str(messages)),))
             return pb.WriteStreamResponse()
 

@@ -254,3 +254,27 @@ async def test_inserts_are_refused_with_503_once_the_buffer_drains(clickhouse: C
     await buf.app.lifecycle.refusing.wait()
     status, headers, text = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV")
     assert status == 503 and "Retry-After" in headers, text
+
+
+async def test_metrics_count_requests_and_rows_by_the_way_they_came(clickhouse: ClickHouse,
+                                                                   start_buffer: Callable[..., Any]) -> None:
+    from buffer.api import ingest_pb2 as pb
+    from buffer.api import ingest_pb2_grpc as pb_grpc
+
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    assert (await asyncio.to_thread(post, buf, b"1,a\n2,b\n", "INSERT INTO t FORMAT CSV"))[0] == 200
+    assert (await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO nope FORMAT CSV"))[0] == 404
+    await pb_grpc.IngestServiceStub(buf.channel).Write(pb.WriteRequest(table="t", format=pb.FORMAT_CSV,
+                                                                       rows=b"3,c\n4,d\n5,e\n"))
+    def metrics() -> str:
+        with urllib.request.urlopen(f"{buf.http}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    text = await asyncio.to_thread(metrics)
+    want = {'outcome="ok",protocol="clickhouse_http"': 1, 'outcome="refused",protocol="clickhouse_http"': 1,
+            'outcome="ok",protocol="grpc"': 1, 'outcome="refused",protocol="grpc"': 0}
+    for labels, n in want.items():
+        assert f"ingest_buffer_protocol_requests_total{{{labels}}} {n:.1f}" in text, labels
+    assert 'ingest_buffer_protocol_rows_total{protocol="clickhouse_http"} 2.0' in text
+    assert 'ingest_buffer_protocol_rows_total{protocol="grpc"} 3.0' in text
