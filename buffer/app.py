@@ -116,7 +116,8 @@ class App:
         return ClickHouseHttp(address[0], address[1], self.service, self.catalog, self.lifecycle,
                               database=cfg.effective_database(), max_request_bytes=cfg.max_request_bytes,
                               logged=self.wal is not None, run_read=self.sink.raw_read if cfg.is_embedded else None,
-                              forward_to=forward)
+                              forward_to=forward, auth=cfg.clickhouse_http_auth,
+                              users_file=cfg.clickhouse_http_users_file)
 
     def ready(self) -> bool:
         return self.lifecycle.ready

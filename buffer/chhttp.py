@@ -23,16 +23,20 @@ with the client's own credentials otherwise. Other statements are refused.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
+import hmac
 import logging
 import re
+import time
 import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from buffer import __version__
 from buffer.api import FORMATS
@@ -40,6 +44,7 @@ from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
 from buffer.chsql import WORKING, SqlError, first_word, parse_insert, tokens
 from buffer.client import ACK_NAMES
+from buffer.config import read_users
 from buffer.lifecycle import Lifecycle
 from buffer.native import NativeError, count_row_binary, count_rows
 from buffer.refusals import (
@@ -209,6 +214,87 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+@dataclass(frozen=True)
+class Login:
+    user: str
+    password: str
+
+
+def login_of(request: web.Request) -> Login:
+    """The credentials as ClickHouse takes them: Basic auth, the X-ClickHouse-User and -Key headers,
+    or the user and password parameters; ClickHouse's ``default`` user with no password otherwise."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:6].lower() == "basic ":
+        try:
+            user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Failure(400, 516, "AUTHENTICATION_FAILED", "the Authorization header is not valid Basic "
+                          "credentials (base64 of user:password)") from None
+        return Login(user or "default", password)
+    user = request.headers.get("X-ClickHouse-User") or request.query.get("user") or "default"
+    return Login(user, request.headers.get("X-ClickHouse-Key") or request.query.get("password") or "")
+
+
+def _refused_login(login: Login, why: str) -> Failure:
+    return Failure(403, 516, "AUTHENTICATION_FAILED", f"{login.user}: {why}")
+
+
+class UsersFile:
+    """Users from a file (a mounted Secret): ``user:password`` or ``user:sha256:HEX`` per line."""
+
+    def __init__(self, path: str) -> None:
+        self.digests = read_users(path)  # checked when the settings were
+
+    async def check(self, login: Login) -> None:
+        want = self.digests.get(login.user)
+        got = hashlib.sha256(login.password.encode()).digest()
+        if want is None or not hmac.compare_digest(want, got):
+            raise _refused_login(login, "not a user of this buffer, or the wrong password "
+                                        "(--clickhouse-http-users-file)")
+
+
+class ClickHouseLogins:
+    """The client's own ClickHouse user and password, checked by a ``SELECT 1`` with them. A login
+    ClickHouse took is remembered for ``FRESH`` seconds, and while ClickHouse does not answer for up
+    to ``STALE``: an outage is when the buffer is needed most."""
+
+    FRESH = 60.0
+    STALE = 3600.0
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, url: str, session: Callable[[], ClientSession]) -> None:
+        self.url = url
+        self.session = session
+        self._took: dict[tuple[str, bytes], float] = {}
+
+    async def check(self, login: Login) -> None:
+        key = (login.user, hashlib.sha256(login.password.encode()).digest())
+        now = time.monotonic()
+        took = self._took.get(key)
+        if took is not None and now - took < self.FRESH:
+            return
+        try:
+            headers = {"X-ClickHouse-User": login.user, "X-ClickHouse-Key": login.password}
+            async with self.session().post(self.url, data=b"SELECT 1", headers=headers,
+                                           timeout=ClientTimeout(total=5)) as answer:
+                status = answer.status
+                await answer.read()
+        except (ClientError, TimeoutError):
+            status = 0
+        if status == 200:
+            if len(self._took) >= self.MAX_REMEMBERED:
+                self._took.clear()
+            self._took[key] = now
+            return
+        if status in (401, 403):
+            self._took.pop(key, None)
+            raise _refused_login(login, "ClickHouse refused this user and password")
+        if took is not None and now - took < self.STALE:
+            return  # ClickHouse does not answer: a login it took within the hour still counts
+        raise Failure(503, 745, "SERVER_OVERLOADED", f"the credentials of {login.user} cannot be checked: ClickHouse "
+                      f"does not answer ({status or 'no connection'}); retry", 2.0)
+
+
 class ClickHouseHttp(Routine):
     """The listener: a routine beside the gRPC server, on the same event loop."""
 
@@ -216,7 +302,7 @@ class ClickHouseHttp(Routine):
 
     def __init__(self, host: str, port: int, service: IngestService, catalog: TableCatalog, lifecycle: Lifecycle, *,
                  database: str, max_request_bytes: int, logged: bool, run_read: Callable[..., bytes] | None,
-                 forward_to: str | None) -> None:
+                 forward_to: str | None, auth: str = "none", users_file: str = "") -> None:
         self.host, self.port = host, port
         self.service = service
         self.catalog = catalog
@@ -226,6 +312,12 @@ class ClickHouseHttp(Routine):
         self.default_ack = pb.ACK_LEVEL_DURABLE if logged else pb.ACK_LEVEL_BUFFERED
         self.run_read = run_read  # the embedded engine: (sql, settings) -> bytes, in a thread
         self.forward_to = forward_to  # a ClickHouse server's HTTP URL, for read queries
+        self.logins: UsersFile | ClickHouseLogins | None = None
+        if auth == "users-file":
+            self.logins = UsersFile(users_file)
+        elif auth == "clickhouse":
+            assert forward_to is not None
+            self.logins = ClickHouseLogins(forward_to, self._client)
         self.bound = ""
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
@@ -273,12 +365,20 @@ class ClickHouseHttp(Routine):
 
     # ----- requests -----------------------------------------------------------------------
 
+    def _client(self) -> ClientSession:
+        """The HTTP client to ClickHouse (forwarded reads, login checks), made on first use."""
+        if self._session is None:
+            self._session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+        return self._session
+
     async def _ping(self, request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query_id = request.query.get("query_id") or str(uuid.uuid4())
         try:
+            if self.logins is not None:
+                await self.logins.check(login_of(request))
             query = request.query.get("query", "")
             body = await self._body(request) if request.method == "POST" else b""
             if not query and not body:
@@ -422,13 +522,11 @@ class ClickHouseHttp(Routine):
 
     async def _forward(self, request: web.Request, query: str, body: bytes, query_id: str) -> web.StreamResponse:
         """To ClickHouse, with the client's credentials and nothing of this buffer's: its grants decide."""
-        if self._session is None:
-            self._session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in _FORWARDED_HEADERS or k.lower().startswith("x-clickhouse-")}
         params = [(k, v) for k, v in request.query.items()]
         assert self.forward_to is not None
-        async with self._session.post(self.forward_to, params=params, data=body, headers=headers) as upstream:
+        async with self._client().post(self.forward_to, params=params, data=body, headers=headers) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items()
                 if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")})

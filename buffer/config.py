@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -86,7 +87,13 @@ SETTINGS: tuple[Setting, ...] = (
             "HTTP admin listen address (probes, /drain, /metrics): HOST:PORT"),
     Setting("clickhouse_http_listen", "",
             "ClickHouse HTTP interface listen address, HOST:PORT (off when empty): ClickHouse clients insert "
-            "through the buffer by pointing at it; loopback only (inserts are not authenticated)"),
+            "through the buffer by pointing at it; on a non-loopback address --clickhouse-http-auth must not be none"),
+    Setting("clickhouse_http_auth", "none",
+            "who may use the ClickHouse HTTP interface: none (anyone who reaches it: loopback only), clickhouse "
+            "(the client's ClickHouse user and password, checked against ClickHouse and remembered for 60 s), "
+            "users-file (the users in --clickhouse-http-users-file)", choices=("none", "clickhouse", "users-file")),
+    Setting("clickhouse_http_users_file", "",
+            "with --clickhouse-http-auth users-file: lines of user:password or user:sha256:HEX (a mounted Secret)"),
     Setting("clickhouse_url", "chdb://.ingest-buffer/chdb",
             "ClickHouse: http(s)://user:pass@host:port/db for a server (several replicas: comma-separated, "
             "with failover), chdb:///abs/path or chdb://relative/path for the embedded engine", secret=True),
@@ -158,6 +165,8 @@ class Config:
     grpc_listen: str
     http_listen: str
     clickhouse_http_listen: str
+    clickhouse_http_auth: str
+    clickhouse_http_users_file: str
     clickhouse_url: str
     clickhouse_user: str
     clickhouse_password: str
@@ -372,11 +381,21 @@ def _validate(cfg: Config) -> None:
         try:
             address = parse_listen(cfg.clickhouse_http_listen)
             host = address[0] if isinstance(address, tuple) else address
-            if not _loopback(host):
-                bad("clickhouse_http_listen", f"{host} is not a loopback address: inserts on this listener are not "
-                    "authenticated, so it listens on 127.0.0.1 or [::1] only (the sidecar shape)")
+            if not _loopback(host) and cfg.clickhouse_http_auth == "none":
+                bad("clickhouse_http_listen", f"{host} is not a loopback address, and --clickhouse-http-auth is none: "
+                    "anyone who reaches it could insert. Listen on 127.0.0.1 (the sidecar shape), or set "
+                    "--clickhouse-http-auth clickhouse or users-file")
         except ValueError as exc:
             bad("clickhouse_http_listen", str(exc))
+    if cfg.clickhouse_http_auth == "clickhouse" and cfg.is_embedded:
+        bad("clickhouse_http_auth", "the embedded engine has no users to check against: use users-file")
+    if cfg.clickhouse_http_auth == "users-file":
+        try:
+            if not read_users(cfg.clickhouse_http_users_file):
+                bad("clickhouse_http_users_file", f"{cfg.clickhouse_http_users_file} names no user")
+        except (OSError, ValueError) as exc:
+            bad("clickhouse_http_users_file", f"{exc}: --clickhouse-http-auth users-file needs a file of "
+                "user:password or user:sha256:HEX lines")
     urls = [u.strip() for u in cfg.clickhouse_url.split(",")]
     try:
         kinds = {clickhouse_target(u).embedded_path is None for u in urls}
@@ -404,6 +423,26 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,254}")
 
 def valid_table_name(name: str) -> bool:
     return _NAME_RE.fullmatch(name) is not None
+
+
+def read_users(path: str) -> dict[str, bytes]:
+    """--clickhouse-http-users-file: user → SHA-256 of the password, from lines of user:password or
+    user:sha256:HEX (blank lines and # comments skipped). Raises ValueError naming the bad line."""
+    digests: dict[str, bytes] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, secret = line.partition(":")
+            if not sep or not user:
+                raise ValueError(f"{path}, line {number}: expected user:password or user:sha256:HEX")
+            kind, _, digest = secret.partition(":")
+            if kind == "sha256" and re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                digests[user] = bytes.fromhex(digest)
+            else:
+                digests[user] = hashlib.sha256(secret.encode()).digest()
+    return digests
 
 
 def _loopback(host: str) -> bool:

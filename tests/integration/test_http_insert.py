@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import hashlib
 import struct
 import subprocess
 import urllib.error
@@ -21,7 +22,7 @@ import pytest
 import zstandard
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from tests.conftest import ClickHouse, Running
+from tests.conftest import ClickHouse, HttpEndpoint, Running
 
 
 def listener(buf: Running) -> tuple[str, int]:
@@ -278,3 +279,62 @@ async def test_metrics_count_requests_and_rows_by_the_way_they_came(clickhouse: 
         assert f"ingest_buffer_protocol_requests_total{{{labels}}} {n:.1f}" in text, labels
     assert 'ingest_buffer_protocol_rows_total{protocol="clickhouse_http"} 2.0' in text
     assert 'ingest_buffer_protocol_rows_total{protocol="grpc"} 3.0' in text
+
+
+async def test_with_a_users_file_only_its_users_may_insert_or_read(clickhouse: ClickHouse, tmp_path: Path,
+                                                                  start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    users = tmp_path / "users"
+    users.write_text("# who may write through the buffer\napp:s3cret\n"
+                     f"ops:sha256:{hashlib.sha256(b'hunter2').hexdigest()}\n")
+    buf = await start(start_buffer, clickhouse_http_auth="users-file", clickhouse_http_users_file=str(users))
+    host, port = listener(buf)
+    nobody = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV")
+    wrong = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV", user="app", password="nope")
+    assert [(a[0], a[1].get("X-ClickHouse-Exception-Code")) for a in (nobody, wrong)] == [(403, "516")] * 2
+    assert b"default:" in nobody[2] and b"app:" in wrong[2]
+    keyed = await asyncio.to_thread(post, buf, b"2,b\n", "INSERT INTO t FORMAT CSV",
+                                    headers={"X-ClickHouse-User": "ops", "X-ClickHouse-Key": "hunter2"})
+    assert keyed[0] == 200
+
+    def as_app() -> Any:  # Basic auth, as clickhouse-connect sends it
+        c = clickhouse_connect.get_client(host=host, port=port, username="app", password="s3cret",
+                                          database=clickhouse.database)
+        c.raw_insert("t", None, b"3,c\n", fmt="CSV")
+        return c
+
+    await asyncio.to_thread(as_app)
+    await buf.flush()
+    assert clickhouse.count("t") == 2
+
+
+async def test_with_clickhouse_auth_the_clients_own_login_is_checked_and_outlives_an_outage(
+        clickhouse: ClickHouse, tmp_path: Path, start_buffer: Callable[..., Any]) -> None:
+    if clickhouse.url.startswith("chdb://"):
+        pytest.skip("this test brings a ClickHouse with users of its own; the embedded engine has none")
+    endpoint = HttpEndpoint(tmp_path / "ch", user="app:s3cret")
+    try:
+        url = endpoint.url.replace("http://", "http://app:s3cret@")
+        await asyncio.to_thread(post_to, url, b"CREATE DATABASE d")
+        await asyncio.to_thread(post_to, url, b"CREATE TABLE d.t (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
+        buf = await start(start_buffer, clickhouse_url=url, database="d", clickhouse_http_auth="clickhouse")
+        good = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV", user="app", password="s3cret")
+        bad = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV", user="app", password="x")
+        assert (good[0], bad[0], bad[1].get("X-ClickHouse-Exception-Code")) == (200, 403, "516")
+        assert b"ClickHouse refused" in bad[2]
+        endpoint.stop()  # ClickHouse goes away: the login it took still counts, an unknown one cannot be checked
+        again = await asyncio.to_thread(post, buf, b"2,b\n", "INSERT INTO t FORMAT CSV", user="app", password="s3cret")
+        other = await asyncio.to_thread(post, buf, b"2,b\n", "INSERT INTO t FORMAT CSV", user="bob", password="b")
+        assert again[0] == 200
+        assert other[0] == 503 and "Retry-After" in other[1]
+    finally:
+        endpoint.stop()
+
+
+def post_to(url: str, sql: bytes) -> None:
+    parts = urllib.parse.urlsplit(url)
+    req = urllib.request.Request(f"{parts.scheme}://{parts.hostname}:{parts.port}/", data=sql, method="POST",
+                                 headers={"X-ClickHouse-User": parts.username or "", "X-ClickHouse-Key":
+                                          parts.password or ""})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()

@@ -112,3 +112,25 @@ def test_help_shows_defaults_as_they_are_written() -> None:
     text = " ".join(parser.format_help().split())
     assert "INGEST_BUFFER_BUFFER_MAX_BYTES; default 64MiB" in text
     assert "INGEST_BUFFER_FLUSH_INTERVAL; default 1s" in text and "67108864" not in text
+
+
+def test_the_clickhouse_http_listener_is_open_to_all_only_on_loopback(tmp_path: Path) -> None:
+    assert load({"clickhouse_http_listen": "127.0.0.1:8123"}, env={}).clickhouse_http_auth == "none"
+    assert load({"clickhouse_http_listen": "[::1]:8123"}, env={}).clickhouse_http_listen == "[::1]:8123"
+    with pytest.raises(ConfigError, match=r"clickhouse-http-listen.*not a loopback address.*clickhouse-http-auth"):
+        load({"clickhouse_http_listen": "0.0.0.0:8123"}, env={})
+    with pytest.raises(ConfigError, match=r"embedded engine has no users"):
+        load({"clickhouse_http_listen": "0.0.0.0:8123", "clickhouse_http_auth": "clickhouse"}, env={})
+    with pytest.raises(ConfigError, match=r"clickhouse-http-users-file"):
+        load({"clickhouse_http_listen": "0.0.0.0:8123", "clickhouse_http_auth": "users-file"}, env={})
+    users = tmp_path / "users"
+    users.write_text("app\n")
+    with pytest.raises(ConfigError, match=r"line 1: expected user:password"):
+        load({"clickhouse_http_auth": "users-file", "clickhouse_http_users_file": str(users)}, env={})
+    users.write_text("app:pw\n")
+    cfg = load({"clickhouse_http_listen": "0.0.0.0:8123", "clickhouse_http_auth": "users-file",
+                "clickhouse_http_users_file": str(users)}, env={})
+    assert cfg.clickhouse_http_auth == "users-file"
+    remote = load({"clickhouse_http_listen": "0.0.0.0:8123", "clickhouse_http_auth": "clickhouse",
+                   "clickhouse_url": "http://ch:8123"}, env={})
+    assert remote.clickhouse_http_auth == "clickhouse"
