@@ -187,3 +187,23 @@ def test_a_gateway_can_keep_its_log_on_a_claim_per_replica() -> None:
     assert mounts["ingest-buffer-wal"] == "/var/lib/ingest-buffer/wal"
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
     assert env["INGEST_BUFFER_WAL_MAX_BYTES"] == "8GiB"
+
+
+def test_the_clickhouse_http_interface_is_loopback_in_a_sidecar_and_authenticated_behind_a_gateway() -> None:
+    sidecar = pod_spec(render(values_file(CHART / "ci" / "sidecar-values.yaml")), "-example")["initContainers"][0]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["INGEST_BUFFER_CLICKHOUSE_HTTP_LISTEN"] == "127.0.0.1:8123"
+    assert env["INGEST_BUFFER_CLICKHOUSE_HTTP_AUTH"] == "none"
+    objects = render(values_file(CHART / "ci" / "gateway-values.yaml"))
+    container = pod_spec(objects)["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["INGEST_BUFFER_CLICKHOUSE_HTTP_LISTEN"] == "0.0.0.0:8123"
+    assert env["INGEST_BUFFER_CLICKHOUSE_HTTP_AUTH"] == "users-file"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "ingest-buffer-http-users")
+    assert env["INGEST_BUFFER_CLICKHOUSE_HTTP_USERS_FILE"] == mount["mountPath"] + "/users"
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "ingest-buffer-http-users")
+    assert volume["secret"]["secretName"] == "ingest-buffer-http-users"
+    ports = {p["name"]: p for p in find(objects, "Service")["spec"]["ports"]}
+    assert ports["clickhouse-http"]["port"] == 8123 and ports["clickhouse-http"]["targetPort"] == "clickhouse-http"
+    with pytest.raises(HelmRenderError, match="clickhouseHttp.usersSecret is empty"):
+        render({"mode": "gateway", "clickhouseHttp": {"enabled": True, "auth": "users-file"}})

@@ -128,6 +128,20 @@ The grace period must cover the drain deadline plus the exit; derived unless set
 - name: INGEST_BUFFER_WAL_SYNC_INTERVAL
   value: {{ printf "%vs" .Values.wal.syncIntervalSeconds | quote }}
 {{- end }}
+{{- if .Values.clickhouseHttp.enabled }}
+{{- $gateway := eq .Values.mode "gateway" }}
+{{- if and $gateway (eq .Values.clickhouseHttp.auth "users-file") (not .Values.clickhouseHttp.usersSecret) }}
+{{- fail "clickhouseHttp.auth is users-file but clickhouseHttp.usersSecret is empty: name a Secret with a `users` key (lines of user:password or user:sha256:HEX)" }}
+{{- end }}
+- name: INGEST_BUFFER_CLICKHOUSE_HTTP_LISTEN
+  value: {{ printf "%s:%d" (ternary "0.0.0.0" "127.0.0.1" $gateway) (int .Values.clickhouseHttp.port) | quote }}
+- name: INGEST_BUFFER_CLICKHOUSE_HTTP_AUTH
+  value: {{ ternary .Values.clickhouseHttp.auth "none" $gateway | quote }}
+{{- if and $gateway (eq .Values.clickhouseHttp.auth "users-file") }}
+- name: INGEST_BUFFER_CLICKHOUSE_HTTP_USERS_FILE
+  value: /etc/ingest-buffer/http-users/users
+{{- end }}
+{{- end }}
 - name: INGEST_BUFFER_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: INGEST_BUFFER_LOG_FORMAT
@@ -153,6 +167,11 @@ ports:
   - name: http
     containerPort: {{ .Values.http.port }}
     protocol: TCP
+  {{- if and .Values.clickhouseHttp.enabled (eq .Values.mode "gateway") }}
+  - name: clickhouse-http
+    containerPort: {{ .Values.clickhouseHttp.port }}
+    protocol: TCP
+  {{- end }}
 startupProbe:
   httpGet:
     path: /readyz
@@ -202,6 +221,18 @@ volumeMounts:
   - name: ingest-buffer-socket
     mountPath: {{ dir .Values.grpc.unixSocket }}
   {{- end }}
+  {{- if include "ingest-buffer.httpUsers" . }}
+  - name: ingest-buffer-http-users
+    mountPath: /etc/ingest-buffer/http-users
+    readOnly: true
+  {{- end }}
+{{- end }}
+
+{{/*
+"true" when the ClickHouse HTTP listener takes its users from a Secret (gateway mode, users-file).
+*/}}
+{{- define "ingest-buffer.httpUsers" -}}
+{{- if and .Values.clickhouseHttp.enabled (eq .Values.mode "gateway") (eq .Values.clickhouseHttp.auth "users-file") }}true{{ end }}
 {{- end }}
 
 {{- define "ingest-buffer.sidecar" -}}
@@ -250,5 +281,13 @@ volumeMounts:
 {{- if .Values.grpc.unixSocket }}
 - name: ingest-buffer-socket
   emptyDir: {}
+{{- end }}
+{{- if include "ingest-buffer.httpUsers" . }}
+- name: ingest-buffer-http-users
+  secret:
+    secretName: {{ .Values.clickhouseHttp.usersSecret }}
+    items:
+      - key: users
+        path: users
 {{- end }}
 {{- end }}
