@@ -37,7 +37,7 @@ from buffer.routines import PeriodicRoutine, Routine, Supervisor
 from buffer.schedule import FlushPolicy
 from buffer.server import GrpcServer
 from buffer.service import IngestService
-from buffer.sink import ClickHouseSink, Sink
+from buffer.sink import ClickHouseSink, Sink, command_text
 from buffer.telemetry import Telemetry
 from buffer.wal import WriteAheadLog
 from buffer.walformat import LogError
@@ -83,9 +83,12 @@ class App:
         self.clickhouse_http = self._clickhouse_http(cfg) if cfg.clickhouse_http_listen else None
         http = parse_listen(cfg.http_listen)
         assert not isinstance(http, str)
-        self.admin = AdminServer(http[0], http[1], AdminRoutes(self.lifecycle, self.ring, self.flusher,
-                                                               self.telemetry, lambda: self.replay).table(),
-                                 local_only=frozenset({("POST", "/drain")}))
+        embedded = cfg.targets()[0].embedded_path if cfg.is_embedded else None
+        routes = AdminRoutes(self.lifecycle, self.ring, self.flusher, self.telemetry, lambda: self.replay,
+                             run_sql=(lambda sql: command_text(self.sink.command(sql))) if embedded else None,
+                             embedded_path=embedded or "", database=database, after_sql=self.catalog.refresh)
+        self.admin = AdminServer(http[0], http[1], routes.table(), local_only=frozenset({("POST", "/drain"),
+                                                                                          ("POST", "/sql")}))
         self.replay: Replay | None = None
         self.signals = signals
         self.supervisor: Supervisor | None = None

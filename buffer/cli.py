@@ -188,11 +188,17 @@ def _send(args: argparse.Namespace) -> int:
 
 def _sql(args: argparse.Namespace) -> int:
     from buffer.errors import clean_message
-    from buffer.sink import ClickHouseSink
+    from buffer.sink import ClickHouseSink, command_text
 
     cfg = _config(args)
-    if cfg is None or (cfg.is_embedded and _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}")):
+    if cfg is None:
         return 2
+    if cfg.is_embedded:  # a `serve` holding the engine runs them, as no other process can open it
+        done = _sql_on_server(cfg, args.statement)
+        if done is not None:
+            return done
+        if _chdb_missing(f"--clickhouse-url {cfg.clickhouse_url}"):
+            return 2
     sink = ClickHouseSink(cfg)
     try:
         for statement in args.statement:
@@ -201,19 +207,60 @@ def _sql(args: argparse.Namespace) -> int:
             except Exception as exc:
                 text = clean_message(str(exc))
                 if cfg.is_embedded and ("EmbeddedServer" in text or "lock" in text.lower()):
-                    text += (" — the embedded engine's path is in use: stop the ingest-buffer serving it first "
-                             "(chDB lets one process use a path at a time)")
-                elif "UNKNOWN_DATABASE" in text:
-                    text += (f" — create it first: ingest-buffer sql --database default "
-                             f"\"CREATE DATABASE {cfg.effective_database()}\"")
-                print(f"ingest-buffer sql: {text}", file=sys.stderr)
+                    text += (" — the embedded engine's path is in use by another process (chDB lets one process use "
+                             "a path at a time). If it is `ingest-buffer serve`, give this command the same "
+                             "--http-listen and the statements run there")
+                print(f"ingest-buffer sql: {_sql_hint(text, cfg)}", file=sys.stderr)
                 return 1
-            if isinstance(out, (list, tuple)):
-                print("\t".join(map(str, out)))
-            elif isinstance(out, (str, int, float)) and out != "":
-                print(out)  # DDL and inserts return a summary object: nothing to show
+            if text := command_text(out):  # DDL and inserts return a summary object: nothing to show
+                print(text)
     finally:
         sink.close()
+    return 0
+
+
+def _sql_hint(text: str, cfg: Config) -> str:
+    if "UNKNOWN_DATABASE" in text:
+        return text + (f" — create it first: ingest-buffer sql --database default "
+                       f"\"CREATE DATABASE {cfg.effective_database()}\"")
+    return text
+
+
+def _sql_on_server(cfg: Config, statements: list[str]) -> int | None:
+    """Runs the statements in the `serve` that holds this embedded engine, through its admin listener
+    (--http-listen, from this host); None when no such server answers there."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    address = parse_listen(cfg.http_listen)
+    if isinstance(address, str):
+        return None
+    host = "127.0.0.1" if address[0] in ("0.0.0.0", "::") else address[0]
+    host = f"[{host}]" if ":" in host else host
+    path = cfg.targets()[0].embedded_path
+    for i, statement in enumerate(statements):
+        request = urllib.request.Request(
+            f"http://{host}:{address[1]}/sql", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"statement": statement, "path": path, "database": cfg.effective_database()}).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=600) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read())
+            except ValueError:
+                body = {}
+            if i == 0 and (exc.code in (404, 409) or "error" not in body):
+                return None  # not a buffer holding this engine (another one, or an older one)
+            print(f"ingest-buffer sql: {_sql_hint(str(body.get('error', exc)), cfg)}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError):
+            if i == 0:
+                return None  # nothing listens there: this process opens the engine itself
+            raise
+        if body.get("output"):
+            print(body["output"])
     return 0
 
 

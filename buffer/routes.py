@@ -1,14 +1,18 @@
 """The admin listener's routes: probes, the drain entry point, metrics. They read the lifecycle, the
-ledger and the buffer; the only thing they change is the lifecycle (``POST /drain``)."""
+ledger and the buffer; what they change is the lifecycle (``POST /drain``) and, on the embedded
+engine, what `ingest-buffer sql` runs there (``POST /sql``, from this host only)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from buffer.admin import Handler, json_body
+from buffer.errors import clean_message
 from buffer.flusher import Flusher
 from buffer.lifecycle import Lifecycle
 from buffer.replay import Replay
@@ -18,7 +22,13 @@ from buffer.telemetry import Telemetry
 
 class AdminRoutes:
     def __init__(self, lifecycle: Lifecycle, ring: Ring, flusher: Flusher, telemetry: Telemetry,
-                 replay: Callable[[], Replay | None] = lambda: None) -> None:
+                 replay: Callable[[], Replay | None] = lambda: None, *,
+                 run_sql: Callable[[str], str] | None = None, embedded_path: str = "", database: str = "",
+                 after_sql: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.run_sql = run_sql  # the embedded engine: `ingest-buffer sql` runs here while this process holds it
+        self.embedded_path = embedded_path
+        self.database = database
+        self.after_sql = after_sql  # a statement may have made a table: the catalog looks again
         self.lifecycle = lifecycle
         self.ring = ring
         self.ledger = ring.ledger
@@ -28,14 +38,38 @@ class AdminRoutes:
 
     def table(self) -> dict[tuple[str, str], Handler]:
         return {("GET", "/livez"): self.livez, ("GET", "/readyz"): self.readyz, ("POST", "/drain"): self.drain,
-                ("GET", "/metrics"): self.metrics}
+                ("GET", "/metrics"): self.metrics, ("POST", "/sql"): self.sql}
 
-    async def livez(self) -> tuple[int, str, bytes]:
+    async def sql(self, body: bytes = b"") -> tuple[int, str, bytes]:
+        """``{"statement": SQL, "path": the engine's path}`` from `ingest-buffer sql` on this host: run in
+        this process's embedded engine, which no other process can open while this one holds it."""
+        if self.run_sql is None:
+            return json_body(409, {"error": "this buffer does not run the embedded engine: run SQL against its "
+                                            "ClickHouse"})
+        try:
+            request = json.loads(body)
+            statement, path = str(request["statement"]), str(request.get("path") or self.embedded_path)
+            database = str(request.get("database") or self.database)
+        except (ValueError, KeyError, TypeError):
+            return json_body(400, {"error": 'send {"statement": "...", "path": "...", "database": "..."} as JSON'})
+        if not await asyncio.to_thread(_same_path, path, self.embedded_path):
+            return json_body(409, {"error": f"this buffer serves the engine at {self.embedded_path}, not {path}"})
+        if database != self.database:
+            return json_body(409, {"error": f"this buffer runs SQL in the database {self.database}, not {database}"})
+        try:
+            output = await asyncio.to_thread(self.run_sql, statement)
+        except Exception as exc:
+            return json_body(400, {"error": clean_message(str(exc))})
+        if self.after_sql is not None:
+            await self.after_sql()
+        return json_body(200, {"output": output})
+
+    async def livez(self, _: bytes = b"") -> tuple[int, str, bytes]:
         if self.lifecycle.crashed:
             return json_body(503, {"live": False, "crashed": self.lifecycle.crashed})
         return json_body(200, {"live": True})
 
-    async def readyz(self) -> tuple[int, str, bytes]:
+    async def readyz(self, _: bytes = b"") -> tuple[int, str, bytes]:
         lc, ring, stats = self.lifecycle, self.ring, self.flusher.stats
         body: dict[str, Any] = {
             "ready": lc.ready, "phase": lc.phase.label, "enabled": lc.ready, "draining": lc.is_draining,
@@ -49,7 +83,7 @@ class AdminRoutes:
             body["faults"] = lc.faults
         return json_body(200 if lc.ready else 503, body)
 
-    async def drain(self) -> tuple[int, str, bytes]:
+    async def drain(self, _: bytes = b"") -> tuple[int, str, bytes]:
         lc = self.lifecycle
         lc.drain("POST /drain")
         if lc.mode == "gateway":
@@ -75,5 +109,9 @@ class AdminRoutes:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(aw, self.lifecycle.remaining())
 
-    async def metrics(self) -> tuple[int, str, bytes]:
+    async def metrics(self, _: bytes = b"") -> tuple[int, str, bytes]:
         return 200, "text/plain; version=0.0.4; charset=utf-8", self.telemetry.prometheus_text()
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -64,6 +64,9 @@ class Sink(Protocol):
     def raw_read(self, sql: str, parameters: dict[str, str], fmt: str | None) -> bytes:
         """Runs a client's read query, read-only; its output as ClickHouse gives it."""
 
+    def command(self, sql: str) -> Any:
+        """Runs any statement (`ingest-buffer sql`, on the embedded engine)."""
+
     def close(self) -> None: ...
 
 
@@ -239,6 +242,15 @@ class ClickHouseSink:
                 client.close()
             except Exception:  # closing is best effort at exit
                 log.debug("closing a ClickHouse client failed", exc_info=True)
+
+
+def command_text(out: Any) -> str:
+    """What a statement returned, as `ingest-buffer sql` prints it (DDL and inserts: nothing)."""
+    if isinstance(out, (list, tuple)):
+        return "\t".join(map(str, out))
+    if isinstance(out, (str, int, float)) and out != "":
+        return str(out)
+    return ""
 
 
 def file_chunks(parts: Sequence[bytes], size: int = FILE_CHUNK) -> Iterator[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.request
 
 import pytest
 
@@ -143,20 +144,29 @@ async def test_periodic_stops_promptly_with_the_real_clock() -> None:
 async def test_admin_drain_route_answers_only_loopback_callers() -> None:
     from buffer.admin import AdminServer
 
-    async def ok() -> tuple[int, str, bytes]:
+    async def ok(_: bytes) -> tuple[int, str, bytes]:
         return 200, "text/plain", b"drained\n"
 
     server = AdminServer("127.0.0.1", 0, {("POST", "/drain"): ok, ("GET", "/readyz"): ok},
                          local_only=frozenset({("POST", "/drain")}))
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"POST /drain HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (await server._respond(reader, "10.1.2.3"))[0] == 403
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"POST /drain HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (await server._respond(reader, "127.0.0.5"))[0] == 200
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (await server._respond(reader, "10.1.2.3"))[0] == 200, "probes come from the kubelet, off-host"
+    assert (await server.respond("POST", "/drain", "10.1.2.3", b""))[0] == 403
+    assert (await server.respond("POST", "/drain", "::ffff:10.1.2.3", b""))[0] == 403
+    assert (await server.respond("POST", "/drain", "127.0.0.5", b""))[0] == 200
+    assert (await server.respond("POST", "/drain", "::ffff:127.0.0.1", b""))[0] == 200
+    assert (await server.respond("GET", "/readyz", "10.1.2.3", b""))[0] == 200, "probes come from the kubelet, off-host"
+    assert (await server.respond("GET", "/drain", "127.0.0.1", b""))[0] == 405
+    assert (await server.respond("GET", "/nope", "127.0.0.1", b""))[0] == 404
+    # And on a real port, from this host:
+    await server.start()
+    try:
+        def post() -> int:
+            req = urllib.request.Request(f"http://127.0.0.1:{server.port}/drain", data=b"", method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return int(r.status)
+
+        assert await asyncio.to_thread(post) == 200
+    finally:
+        await server.stop()
 
 
 async def test_library_retry_chatter_is_filtered_but_errors_pass() -> None:
