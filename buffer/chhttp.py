@@ -82,6 +82,7 @@ TRANSPORT = frozenset({
 # Settings that change how ClickHouse reads the rows: kept with them, applied when they are inserted.
 PARSING_PREFIXES = ("input_format_", "format_", "date_time_", "cast_", "schema_inference_", "errors_")
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_SAFE = re.compile(r"[\x20-\x7e]{1,256}")
 MAX_SETTING_VALUE = 4096
 MAX_SHAPE = 60_000  # the log keeps a shape in 64 KiB
 _DEFAULT_FORMAT = "TabSeparated"
@@ -376,6 +377,9 @@ class ClickHouseHttp(Routine):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query_id = request.query.get("query_id") or str(uuid.uuid4())
+        if not _HEADER_SAFE.fullmatch(query_id):  # it is echoed in a header
+            return Failure(400, 36, "BAD_ARGUMENTS", "query_id must be at most 256 printable characters (it comes "
+                           "back in X-ClickHouse-Query-Id)").response(str(uuid.uuid4()))
         try:
             if self.logins is not None:
                 await self.logins.check(login_of(request))
@@ -528,8 +532,9 @@ class ClickHouseHttp(Routine):
         assert self.forward_to is not None
         async with self._client().post(self.forward_to, params=params, data=body, headers=headers) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")})
+                **{k: v for k, v in upstream.headers.items()
+                   if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")},
+                "X-Ingest-Buffer-Forwarded": "1"})  # ClickHouse's own answer, status included
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)

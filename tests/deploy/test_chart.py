@@ -205,5 +205,5 @@ def test_the_clickhouse_http_interface_is_loopback_in_a_sidecar_and_authenticate
     assert volume["secret"]["secretName"] == "ingest-buffer-http-users"
     ports = {p["name"]: p for p in find(objects, "Service")["spec"]["ports"]}
     assert ports["clickhouse-http"]["port"] == 8123 and ports["clickhouse-http"]["targetPort"] == "clickhouse-http"
-    with pytest.raises(HelmRenderError, match="clickhouseHttp.usersSecret is empty"):
+    with pytest.raises(HelmRenderError, match=r"clickhouseHttp\.usersSecret is empty"):
         render({"mode": "gateway", "clickhouseHttp": {"enabled": True, "auth": "users-file"}})

@@ -5,6 +5,7 @@ ClickHouse HTTP endpoint that read queries are forwarded to)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import datetime
 import gzip
 import hashlib
@@ -338,3 +339,44 @@ def post_to(url: str, sql: bytes) -> None:
                                           parts.password or ""})
     with urllib.request.urlopen(req, timeout=30) as r:
         r.read()
+
+
+WORDS = ["INSERT", "INTO", "insert into", "t", "`t`", '"t"', "nope", "FORMAT", "format", "CSV", "JSONEachRow", "Native",
+         "RowBinary", "Values", "VALUES", "SELECT", "1", "(", ")", ",", "id", "s", "SETTINGS", "=", "'x'", "--", "/*",
+         "*/", "#", ";", "TABLE", "FUNCTION", ".", "db", "\n", "WITH", "DESCRIBE", "SHOW", "`", "'", '"', "\\"]
+
+
+async def test_fuzzed_statements_headers_and_bodies_get_an_answer_never_a_500(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    seen: dict[int, int] = {}
+    statements = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=80),
+                           st.lists(st.sampled_from(WORDS), max_size=14).map(" ".join))
+
+    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(query=statements, in_body=st.booleans(), body=st.binary(max_size=200),
+           encoding=st.sampled_from(["", "gzip", "zstd", "lz4", "br", "deflate", "identity", "bogus", "gzip, br"]),
+           params=st.dictionaries(st.sampled_from(["input_format_skip_unknown_fields", "query_id", "database",
+                                                   "wait_for_async_insert", "insert_deduplication_token", "x y",
+                                                   "date_time_input_format", "param_a", "default_format"]),
+                                  st.text(st.characters(blacklist_categories=("Cs",)), max_size=20), max_size=3))
+    def one(query: str, in_body: bool, body: bytes, encoding: str, params: dict[str, str]) -> None:
+        headers = {"Content-Encoding": encoding} if encoding else {}
+        sent = query.encode() + b"\n" + body if in_body else body
+        status, answer, text = post(buf, sent, "" if in_body else query, headers=headers, **params)
+        seen[status] = seen.get(status, 0) + 1
+        if answer.get("X-Ingest-Buffer-Forwarded"):
+            return  # a read query ClickHouse answered: its status is ClickHouse's
+        assert status in (200, 400, 403, 404, 413, 501, 503), (status, text[:300])
+        if status != 200:
+            assert text.startswith(b"Code: "), text[:300]
+
+    await asyncio.to_thread(one)
+    ping = await asyncio.to_thread(post, buf, b"", "SELECT 1")
+    assert ping[0] == 200 and ping[2] == b"1\n"  # still serving
+    assert len(seen) >= 3, seen  # the inputs reached several answers, not one refusal over and over
