@@ -1,8 +1,8 @@
 """Throughput and ack latency of ingest-buffer against direct ClickHouse inserts, on one embedded chDB.
 
 Usage: ``python bench/bench.py [--seconds S] [--clients N] [--client-procs P] [--repeat R] [--quick] [--reference]
-[--profile DIR]``; ``--wal`` measures the write-ahead log (bench/wal_bench.py) and ``--client`` the client
-library (bench/client_bench.py) instead.
+[--profile DIR]``; ``--wal`` measures the write-ahead log (bench/wal_bench.py), ``--client`` the client
+library (bench/client_bench.py) and ``--http`` the ClickHouse HTTP interface (bench/http_bench.py) instead.
 
 Design (chDB lets one process open one data path, and never two processes the same path at once,
 so everything touching the data runs in turn, each phase in its own process):
@@ -408,6 +408,10 @@ def main() -> int:
     parser.add_argument("--client", action="store_true",
                         help="measure the client library instead (bench/client_bench.py: 1,000,000 one-row dicts "
                              "from one application thread; --rows, --repeat)")
+    parser.add_argument("--http", action="store_true",
+                        help="measure inserts over the ClickHouse HTTP interface instead (bench/http_bench.py: "
+                             "through the buffer, straight into ClickHouse, ClickHouse's async inserts; --seconds, "
+                             "--clients, --repeat)")
     parser.add_argument("--reference", action="store_true",
                         help="also run the sidecar's phases against bench/reference_server.py, the simplest "
                              "server that takes the same requests (about 2 more minutes)")
@@ -426,6 +430,15 @@ def main() -> int:
         rounds = ["--rounds", str(args.repeat)] if any(a.startswith("--repeat") for a in sys.argv) else []
         sys.argv = [client_bench.__file__, *rows, *rounds]
         client_bench.main()
+        return 0
+    if args.http:
+        import http_bench  # beside this file
+
+        given = [x for name in ("seconds", "clients", "repeat", "rows", "small_rows")
+                 if any(a.startswith("--" + name.replace("_", "-")) for a in sys.argv)
+                 for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+        sys.argv = [http_bench.__file__, *given]
+        http_bench.main()
         return 0
     if args.quick:
         args.seconds, args.rows, args.small_rows = 2.0, min(args.rows, 600_000), min(args.small_rows, 100_000)
