@@ -60,8 +60,11 @@ def first_id(scenario: str, size: int, round_: int) -> int:
 
 
 def check(path: Path, lo: int) -> tuple[int, int]:
+    """The phase's rows, counted; then the table is merged (untimed), so that no phase pays for the
+    parts the one before left (1-row direct inserts leave a part per row)."""
     out = subprocess.run([sys.executable, "-m", "tests.chdb_query", str(path),
-                          f"SELECT count(), uniqExact(id) FROM {DB}.{TABLE} WHERE id >= {lo} AND id < {lo + SPAN}"],
+                          f"SELECT count(), uniqExact(id) FROM {DB}.{TABLE} WHERE id >= {lo} AND id < {lo + SPAN}",
+                          f"OPTIMIZE TABLE {DB}.{TABLE} FINAL"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     count, unique = json.loads(out.stdout)[0][0]
     return int(count), int(unique)

@@ -449,7 +449,10 @@ class ClickHouseHttp(Routine):
         wait = settings.get("wait_for_async_insert")
         ack = pb.ACK_LEVEL_COMMITTED if wait in ("1", "true") else (
             pb.ACK_LEVEL_BUFFERED if wait in ("0", "false") else self.default_ack)
-        write = HttpWrite(insert.table, fmt, text[insert.data_start:], key_shape, ack)
+        rows = text[insert.data_start:]
+        if FORMATS[fmt][1] and rows and not rows.endswith(b"\n"):
+            rows += b"\n"  # HTTP says where the body ends: its last row is whole, newline or not (as in ClickHouse)
+        write = HttpWrite(insert.table, fmt, rows, key_shape, ack)
         if fmt in (pb.FORMAT_NATIVE, pb.FORMAT_ROW_BINARY):  # they do not say how many rows they hold
             try:
                 write.row_count = count_rows(write.rows) if fmt == pb.FORMAT_NATIVE else count_row_binary(

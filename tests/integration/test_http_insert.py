@@ -180,7 +180,7 @@ async def test_curl_with_gzip_and_zstd_bodies_and_the_query_in_the_body(
 
 @pytest.mark.parametrize(("query", "body", "code", "status", "words"), [
     ("INSERT INTO nope FORMAT JSONEachRow", b'{"id":1}\n', 60, 404, "nope"),
-    ("INSERT INTO t FORMAT JSONEachRow", b'{"id":1,"s":"a"}\n{"id":2', 27, 400, "newline"),
+    ("INSERT INTO t FORMAT JSONEachRow", b'{"id":1,"s":"a"}\n{"id":2', 27, 400, "line 2"),
     ("INSERT INTO t VALUES", b"(1, 'a')", 48, 501, "FORMAT JSONEachRow"),
     ("INSERT INTO t SELECT 1, 'a'", b"", 48, 501, "INSERT … SELECT"),
     ("INSERT INTO t FORMAT Parquet", b"PAR1", 48, 501, "Parquet"),
@@ -380,3 +380,37 @@ async def test_fuzzed_statements_headers_and_bodies_get_an_answer_never_a_500(
     ping = await asyncio.to_thread(post, buf, b"", "SELECT 1")
     assert ping[0] == 200 and ping[2] == b"1\n"  # still serving
     assert len(seen) >= 3, seen  # the inputs reached several answers, not one refusal over and over
+
+
+async def test_aiochclient_inserts_json_rows_and_files_and_reads_back(clickhouse: ClickHouse,
+                                                                     start_buffer: Callable[..., Any]) -> None:
+    from aiochclient import ChClient, ChClientError
+    from aiohttp import ClientSession
+
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    host, port = listener(buf)
+    async with ClientSession() as session:
+        ch = ChClient(session, url=f"http://{host}:{port}/", database=clickhouse.database)
+        assert await ch.is_alive()
+        await ch.execute("INSERT INTO t FORMAT JSONEachRow", *[{"id": i, "s": f"row {i}"} for i in range(50)])
+        await ch.insert_file("INSERT INTO t FORMAT CSV", b"".join(b"%d,csv\n" % i for i in range(50, 80)))
+        with pytest.raises(ChClientError, match="INSERT … VALUES is not buffered"):
+            await ch.execute("INSERT INTO t VALUES", (99, "values"))
+        await buf.flush()
+        assert await ch.fetchval("SELECT count() FROM t") == 80
+    assert clickhouse.count("t") == 80
+
+
+async def test_inserts_with_different_query_ids_share_one_insert(clickhouse: ClickHouse,
+                                                                 start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer, flush_interval="1h")
+    for i in range(20):
+        status, headers, _ = await asyncio.to_thread(post, buf, b"%d,x\n" % i, "INSERT INTO t FORMAT CSV",
+                                                     query_id=f"q-{i}")
+        assert status == 200 and headers["X-ClickHouse-Query-Id"] == f"q-{i}"
+    await buf.flush()
+    parts = clickhouse.client.query(f"SELECT count() FROM system.parts WHERE database = '{clickhouse.database}' "
+                                    "AND table = 't' AND active").result_rows[0][0]
+    assert (clickhouse.count("t"), parts) == (20, 1)  # twenty requests, one insert
