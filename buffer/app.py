@@ -116,11 +116,13 @@ class App:
         assert not isinstance(address, str)
         target = cfg.targets()[0]
         forward = None if cfg.is_embedded else f"{target.interface}://{target.host}:{target.port}/"
+        server = None if cfg.is_embedded else lambda: self.sink.query_rows("SELECT version(), timezone()")[0]
         return ClickHouseHttp(address[0], address[1], self.service, self.catalog, self.lifecycle,
                               database=cfg.effective_database(), max_request_bytes=cfg.max_request_bytes,
                               logged=self.wal is not None, run_read=self.sink.raw_read if cfg.is_embedded else None,
                               forward_to=forward, auth=cfg.clickhouse_http_auth,
-                              users_file=cfg.clickhouse_http_users_file)
+                              users_file=cfg.clickhouse_http_users_file,
+                              forward_reads=cfg.clickhouse_http_reads == "forward", server_info=server)
 
     def ready(self) -> bool:
         return self.lifecycle.ready

@@ -34,6 +34,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
@@ -43,7 +44,7 @@ from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
 from buffer.chsql import WORKING, SqlError, first_word, parse_insert, tokens
-from buffer.client import ACK_NAMES
+from buffer.client import ACK_NAMES, varint
 from buffer.config import read_users
 from buffer.lifecycle import Lifecycle
 from buffer.native import NativeError, count_row_binary, count_rows
@@ -303,7 +304,8 @@ class ClickHouseHttp(Routine):
 
     def __init__(self, host: str, port: int, service: IngestService, catalog: TableCatalog, lifecycle: Lifecycle, *,
                  database: str, max_request_bytes: int, logged: bool, run_read: Callable[..., bytes] | None,
-                 forward_to: str | None, auth: str = "none", users_file: str = "") -> None:
+                 forward_to: str | None, auth: str = "none", users_file: str = "", forward_reads: bool = True,
+                 server_info: Callable[[], tuple[Any, ...]] | None = None) -> None:
         self.host, self.port = host, port
         self.service = service
         self.catalog = catalog
@@ -312,7 +314,10 @@ class ClickHouseHttp(Routine):
         self.max_request_bytes = max_request_bytes
         self.default_ack = pb.ACK_LEVEL_DURABLE if logged else pb.ACK_LEVEL_BUFFERED
         self.run_read = run_read  # the embedded engine: (sql, settings) -> bytes, in a thread
-        self.forward_to = forward_to  # a ClickHouse server's HTTP URL, for read queries
+        self.forward_to = forward_to  # a ClickHouse server's HTTP URL, for read queries (and login checks)
+        self.forward_reads = forward_reads
+        self.server_info = server_info  # (version, timezone) of ClickHouse, asked with the buffer's own login
+        self._server_info: tuple[str, str] | None = None
         self.logins: UsersFile | ClickHouseLogins | None = None
         if auth == "users-file":
             self.logins = UsersFile(users_file)
@@ -502,9 +507,53 @@ class ClickHouseHttp(Routine):
                     query_id: str) -> web.StreamResponse:
         if self.run_read is not None:
             return await self._read_here(request, text, query_id)
-        if self.forward_to is not None:
+        if self.forward_to is not None and self.forward_reads:
             return await self._forward(request, query, body, query_id)
-        raise Failure(501, 48, "NOT_IMPLEMENTED", "read queries are not forwarded by this buffer: query ClickHouse")
+        answer = await self._probe(text, request.query.get("default_format") or _DEFAULT_FORMAT, query_id)
+        if answer is not None:
+            return answer
+        raise Failure(501, 48, "NOT_IMPLEMENTED", "read queries are not forwarded by this buffer "
+                      "(--clickhouse-http-reads off): query ClickHouse itself; inserts are taken here")
+
+    async def _probe(self, text: bytes, default_format: str, query_id: str) -> web.Response | None:
+        """What a client asks when it connects, answered here when reads are not forwarded: SELECT 1,
+        version() and timezone() (ClickHouse's, asked once with the buffer's own login), and the
+        settings query (no rows)."""
+        try:
+            words = [t.value.upper() if t.kind == "word" else t.value for t in tokens(text[:4096]) if t.kind != "end"]
+        except SqlError:
+            return None
+        fmt = default_format
+        if len(words) >= 2 and words[-2] == "FORMAT":
+            fmt, words = words[-1], words[:-2]
+        columns: list[tuple[str, str, list[Any]]]
+        if words[:3] == ["SELECT", "NAME", ","] and "SYSTEM" in words and "SETTINGS" in words:
+            columns = [("name", "String", []), ("value", "String", []), ("readonly", "UInt8", [])]
+        elif words in (["SELECT", "1"], ["SELECT", "1", "AS", "CHECK"]):
+            columns = [("check" if len(words) > 2 else "1", "UInt8", [1])]
+        elif words in (["SELECT", "VERSION", "(", ")", ",", "TIMEZONE", "(", ")"], ["SELECT", "VERSION", "(", ")"],
+                       ["SELECT", "TIMEZONE", "(", ")"]):
+            version, zone = await self._server()
+            columns = [(f"{name.lower()}()", "String", [version if name == "VERSION" else zone])
+                       for name in ("VERSION", "TIMEZONE") if name in words]
+        else:
+            return None
+        body = _encode(columns, fmt.upper())
+        if body is None:
+            return None
+        return web.Response(body=body, headers={"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Format": fmt,
+                                                "X-ClickHouse-Server-Display-Name": "ingest-buffer"})
+
+    async def _server(self) -> tuple[str, str]:
+        if self._server_info is None:
+            info: tuple[Any, ...] = ("", "UTC")
+            if self.server_info is not None:
+                try:
+                    info = await asyncio.to_thread(self.server_info)
+                except Exception:  # ClickHouse does not answer: the client learns the version later
+                    return "", "UTC"
+            self._server_info = (str(info[0]), str(info[1]))
+        return self._server_info
 
     async def _read_here(self, request: web.Request, text: bytes, query_id: str) -> web.Response:
         """On the embedded engine, read-only (readonly=2: settings may change, nothing is written)."""
@@ -549,6 +598,26 @@ class ClickHouseHttp(Routine):
 _FORWARDED_HEADERS = frozenset({"authorization", "content-type", "accept-encoding"})
 _STATUS = {60: 404, 81: 404, 16: 404, 47: 404, 46: 404, 62: 400, 6: 400, 27: 400, 36: 400, 164: 403, 497: 403,
            516: 403, 48: 501}
+
+
+def _encode(columns: list[tuple[str, str, list[Any]]], fmt: str) -> bytes | None:
+    """A probe's answer in the format asked (Native, TabSeparated or JSONEachRow), None for another."""
+    rows = list(zip(*(values for _, _, values in columns), strict=True))
+    if fmt in ("TABSEPARATED", "TSV"):
+        return b"".join(("\t".join(str(v) for v in row) + "\n").encode() for row in rows)
+    if fmt == "JSONEACHROW":
+        return b"".join(orjson.dumps(dict(zip((c[0] for c in columns), row, strict=True))) + b"\n" for row in rows)
+    if fmt != "NATIVE":
+        return None
+    def string(s: str) -> bytes:
+        raw = s.encode()
+        return varint(len(raw)) + raw
+    out = bytearray(varint(len(columns)) + varint(len(rows)))
+    for name, type_, values in columns:
+        out += string(name) + string(type_)
+        for value in values:
+            out += bytes([value]) if type_ == "UInt8" else string(str(value))
+    return bytes(out)
 
 
 def _output_format(text: bytes) -> str | None:

@@ -153,16 +153,21 @@ class Ack:
 _ROWS_TAG = bytes([pb.WriteBatchesRequest.ROWS_FIELD_NUMBER << 3 | 2])  # a length-delimited field
 
 
+def varint(n: int) -> bytes:
+    """``n`` as a base-128 varint (protobuf's lengths, ClickHouse's Native format)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _with_rows(request: pb.WriteBatchesRequest, rows: bytearray) -> bytes:
     """``request`` serialized with ``rows`` as its rows field, copying the rows once: a serialized
     message followed by one more field parses as that message with the field set, so the rows go
     straight from the batch into the request (setting the field first would copy them twice)."""
-    size, n = bytearray(), len(rows)
-    while n > 0x7F:  # the field's length, as a base-128 varint
-        size.append(n & 0x7F | 0x80)
-        n >>= 7
-    size.append(n)
-    return b"".join((request.SerializeToString(), _ROWS_TAG, size, rows))
+    return b"".join((request.SerializeToString(), _ROWS_TAG, varint(len(rows)), rows))
 
 
 class _Batch:

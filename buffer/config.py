@@ -92,6 +92,10 @@ SETTINGS: tuple[Setting, ...] = (
             "who may use the ClickHouse HTTP interface: none (anyone who reaches it: loopback only), clickhouse "
             "(the client's ClickHouse user and password, checked against ClickHouse and remembered for 60 s), "
             "users-file (the users in --clickhouse-http-users-file)", choices=("none", "clickhouse", "users-file")),
+    Setting("clickhouse_http_reads", "forward",
+            "read queries on the ClickHouse HTTP interface: forward (to ClickHouse, with the client's own "
+            "credentials) or off (refused; what clients ask when they connect is still answered). The embedded "
+            "engine runs them in this process either way", choices=("forward", "off")),
     Setting("clickhouse_http_users_file", "",
             "with --clickhouse-http-auth users-file: lines of user:password or user:sha256:HEX (a mounted Secret)"),
     Setting("clickhouse_url", "chdb://.ingest-buffer/chdb",
@@ -166,6 +170,7 @@ class Config:
     http_listen: str
     clickhouse_http_listen: str
     clickhouse_http_auth: str
+    clickhouse_http_reads: str
     clickhouse_http_users_file: str
     clickhouse_url: str
     clickhouse_user: str

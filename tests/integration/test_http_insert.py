@@ -414,3 +414,24 @@ async def test_inserts_with_different_query_ids_share_one_insert(clickhouse: Cli
     parts = clickhouse.client.query(f"SELECT count() FROM system.parts WHERE database = '{clickhouse.database}' "
                                     "AND table = 't' AND active").result_rows[0][0]
     assert (clickhouse.count("t"), parts) == (20, 1)  # twenty requests, one insert
+
+
+async def test_with_reads_off_clients_still_connect_and_insert_and_other_reads_are_refused(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
+    if clickhouse.url.startswith("chdb://"):
+        pytest.skip("the embedded engine answers read queries in the buffer's own process, forwarding or not")
+    clickhouse.create("t")
+    buf = await start(start_buffer, clickhouse_http_reads="off")
+
+    def use() -> tuple[Any, str]:
+        c = client(buf, clickhouse)  # its connection probes (version, timezone, settings, SELECT 1) are answered
+        c.raw_insert("t", None, b"1,a\n", fmt="CSV")
+        with pytest.raises(DatabaseError) as caught:
+            c.query("SELECT count() FROM t")
+        return c, str(caught.value)
+
+    c, refused = await asyncio.to_thread(use)
+    assert "--clickhouse-http-reads off" in refused
+    assert c.server_version == clickhouse.client.server_version  # ClickHouse's own, asked with the buffer's login
+    await buf.flush()
+    assert clickhouse.count("t") == 1
