@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,34 @@ def check_sql(phase: str, round_: int) -> str:
     return f"SELECT count(), uniqExact(id) FROM {DB}.{TABLE} WHERE id >= {lo} AND id < {lo + ROUND_SPAN}"
 
 
+def drive(pool: list[bytes], clients: int, seconds: float,
+          sender: Callable[[], Callable[[bytes], str | None]]) -> tuple[list[float], list[str], float]:
+    """Sends the pool's requests from ``clients`` threads, each with a sender of its own (``sender()``
+    makes one: it sends a request and returns None, or why it failed), until the pool or ``seconds``
+    run out. Returns each request's latency, the failures (a thread stops at its first) and the time."""
+    ticket = itertools.count()
+    lat: list[float] = []  # list.append is atomic under the GIL
+    failed: list[str] = []
+    deadline = time.perf_counter() + seconds
+
+    def worker(send: Callable[[bytes], str | None]) -> None:
+        while (i := next(ticket)) < len(pool) and time.perf_counter() < deadline:
+            t = time.perf_counter()
+            error = send(pool[i])
+            if error is not None:
+                failed.append(error)
+                return
+            lat.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=worker, args=(sender(),)) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return lat, failed, time.perf_counter() - t0
+
+
 # ----- child: direct inserts (a) and the bulk insert (c) -----------------------------------------
 
 def run_direct(path: str, clients: int, seconds: float, budget: dict[int, int], round_: int) -> dict[str, Any]:
@@ -112,26 +141,14 @@ def run_direct(path: str, clients: int, seconds: float, budget: dict[int, int], 
     out: dict[str, Any] = {}
     for size in SIZES:
         phase = f"baseline/{size}"
-        pool = payloads(phase, round_, size, budget[size])
-        conns = [clickhouse_connect.get_client(dsn=f"chdb://{path}") for _ in range(clients)]
-        lat: list[float] = []  # list.append is atomic under the GIL
-        ticket = itertools.count()
-        deadline = time.perf_counter() + seconds
+        def sender() -> Callable[[bytes], str | None]:
+            conn = clickhouse_connect.get_client(dsn=f"chdb://{path}")
 
-        def worker(conn: Any, pool: list[bytes] = pool, lat: list[float] = lat,
-                   ticket: itertools.count[int] = ticket, deadline: float = deadline) -> None:
-            while (i := next(ticket)) < len(pool) and time.perf_counter() < deadline:
-                t = time.perf_counter()
-                conn.raw_insert(f"{DB}.{TABLE}", None, pool[i], fmt="JSONEachRow")
-                lat.append(time.perf_counter() - t)
+            def send(body: bytes) -> None:
+                conn.raw_insert(f"{DB}.{TABLE}", None, body, fmt="JSONEachRow")  # raises on failure
+            return send
 
-        threads = [threading.Thread(target=worker, args=(c,)) for c in conns]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - t0
+        lat, _, elapsed = drive(payloads(phase, round_, size, budget[size]), clients, seconds, sender)
         out[phase] = {"rows": len(lat) * size, "seconds": elapsed, "lat": lat,
                       "landed": list(main.query(check_sql(phase, round_)).result_rows[0])}
         main.command(f"OPTIMIZE TABLE {DB}.{TABLE} FINAL")  # settle merges: the next phase starts clean

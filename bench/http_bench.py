@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import itertools
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from wal_bench import DB, TABLE, Sidecar, make_table  # noqa: E402
 
-from bench import cpu_seconds, encode, free_port, pct, stop  # noqa: E402  (bench/bench.py, beside this file)
+from bench import cpu_seconds, drive, encode, free_port, pct, stop  # noqa: E402  (bench/bench.py, beside this file)
 
 SIZES = (1, 1000)
 SCENARIOS = ("buffer", "direct", "async_insert")
@@ -73,63 +72,39 @@ def check(path: Path, lo: int) -> tuple[int, int]:
 # ----- the client processes ----------------------------------------------------------------------
 
 def http_clients(port: int, lo: int, size: int, rows: int, clients: int, seconds: float) -> dict[str, Any]:
-    pool = bodies(lo, size, rows)
     path = "/?" + urllib.parse.urlencode({"query": f"INSERT INTO {TABLE} FORMAT JSONEachRow"})
-    ticket = itertools.count()
-    lat: list[float] = []
-    failed: list[str] = []
-    deadline = time.perf_counter() + seconds
 
-    def worker() -> None:
+    def sender() -> Callable[[bytes], str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # one keep-alive connection each
-        while (i := next(ticket)) < len(pool) and time.perf_counter() < deadline:
-            t = time.perf_counter()
-            conn.request("POST", path, body=pool[i])
+
+        def send(body: bytes) -> str | None:
+            conn.request("POST", path, body=body)
             answer = conn.getresponse()
             text = answer.read()
-            if answer.status != 200:
-                failed.append(f"{answer.status} {text[:200]!r}")
-                return
-            lat.append(time.perf_counter() - t)
-        conn.close()
+            return None if answer.status == 200 else f"{answer.status} {text[:200]!r}"
+        return send
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return {"acked": len(lat) * size, "seconds": time.perf_counter() - t0, "lat": lat, "failed": failed}
+    lat, failed, seconds = drive(bodies(lo, size, rows), clients, seconds, sender)
+    return {"acked": len(lat) * size, "seconds": seconds, "lat": lat, "failed": failed}
 
 
 def engine_clients(path: str, lo: int, size: int, rows: int, clients: int, seconds: float,
                    settings: dict[str, Any]) -> dict[str, Any]:
     import clickhouse_connect
 
-    pool = bodies(lo, size, rows)
-    conns = [clickhouse_connect.get_client(dsn=f"chdb://{path}") for _ in range(clients)]
-    ticket = itertools.count()
-    lat: list[float] = []
-    failed: list[str] = []
-    deadline = time.perf_counter() + seconds
+    def sender() -> Callable[[bytes], str | None]:
+        conn = clickhouse_connect.get_client(dsn=f"chdb://{path}")
 
-    def worker(conn: Any) -> None:
-        while (i := next(ticket)) < len(pool) and time.perf_counter() < deadline:
-            t = time.perf_counter()
+        def send(body: bytes) -> str | None:
             try:
-                conn.raw_insert(f"{DB}.{TABLE}", None, pool[i], fmt="JSONEachRow", settings=settings)
+                conn.raw_insert(f"{DB}.{TABLE}", None, body, fmt="JSONEachRow", settings=settings)
             except Exception as exc:  # a setting the engine does not take: reported, not hidden
-                failed.append(str(exc)[:300])
-                return
-            lat.append(time.perf_counter() - t)
+                return str(exc)[:300]
+            return None
+        return send
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in conns]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return {"acked": len(lat) * size, "seconds": time.perf_counter() - t0, "lat": lat, "failed": failed}
+    lat, failed, seconds = drive(bodies(lo, size, rows), clients, seconds, sender)
+    return {"acked": len(lat) * size, "seconds": seconds, "lat": lat, "failed": failed}
 
 
 def run_child(*args: str) -> dict[str, Any]:

@@ -92,6 +92,11 @@ class TableCatalog:
         """The table's columns in order (None when not known)."""
         return self.schema.columns.get(table) if self.schema is not None else None
 
+    @property
+    def settings(self) -> frozenset[str]:
+        """The settings ClickHouse knows (empty until it answered)."""
+        return self.schema.settings if self.schema is not None else frozenset()
+
     def column_types(self, table: str) -> dict[str, str]:
         """The types of the columns an insert may name (empty when not known)."""
         return dict(self.schema.inserted.get(table, ())) if self.schema is not None else {}

@@ -43,7 +43,7 @@ from buffer import __version__
 from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
 from buffer.catalog import TableCatalog
-from buffer.chsql import WORKING, SqlError, first_word, parse_insert, tokens
+from buffer.chsql import WORKING, SqlError, first_word, one_read, parse_insert, tokens
 from buffer.client import ACK_NAMES, varint
 from buffer.config import read_users
 from buffer.lifecycle import Lifecycle
@@ -153,6 +153,7 @@ class HttpWrite:
     producer: str = ""
     sequence: int = 0
     row_count: int = 0
+    header_columns: frozenset[bytes] | None = None  # a CSV/TSV header naming these is refused
 
 
 class _Deadline:
@@ -167,31 +168,8 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         if encoding in ("", "identity", "none"):
             out = body
-        elif encoding in ("gzip", "x-gzip", "deflate"):
-            d = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, as ClickHouse clients send them
-            out = d.decompress(body, limit + 1)
-            whole = d.eof
-        elif encoding == "zstd":
-            import zstandard
-
-            # In small steps: a few bytes of zstd may stand for megabytes, so the bound is checked as it grows.
-            z = zstandard.ZstdDecompressor().decompressobj()
-            pieces, size, at = [], 0, 0
-            while at < len(body) and size <= limit and not z.eof:
-                piece = z.decompress(body[at:at + 256])
-                at += 256
-                pieces.append(piece)
-                size += len(piece)
-            out, whole = b"".join(pieces), z.eof
-            if z.eof and (z.unused_data or at < len(body)):
-                raise Failure(400, 271, "CANNOT_DECOMPRESS", "the zstd body holds more than one frame: compress it "
-                              "as one")
-        elif encoding == "lz4":
-            import lz4.frame
-
-            f = lz4.frame.LZ4FrameDecompressor()
-            out = f.decompress(body, max_length=limit + 1)
-            whole = f.eof
+        elif encoding in ("gzip", "x-gzip", "deflate", "zstd", "lz4"):
+            out, whole = _members(body, encoding, limit)
         elif encoding in ("br", "brotli"):
             import brotli  # type: ignore[import-untyped]
 
@@ -229,12 +207,17 @@ def login_of(request: web.Request) -> Login:
     if auth[:6].lower() == "basic ":
         try:
             user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII base64, or a password that is not UTF-8
             raise Failure(400, 516, "AUTHENTICATION_FAILED", "the Authorization header is not valid Basic "
                           "credentials (base64 of user:password)") from None
+        if not (_HEADER_SAFE.fullmatch(user or "default") and (not password or _HEADER_SAFE.fullmatch(password))):
+            raise Failure(400, 516, "AUTHENTICATION_FAILED", "the user or password holds control characters")
         return Login(user or "default", password)
     user = request.headers.get("X-ClickHouse-User") or request.query.get("user") or "default"
-    return Login(user, request.headers.get("X-ClickHouse-Key") or request.query.get("password") or "")
+    password = request.headers.get("X-ClickHouse-Key") or request.query.get("password") or ""
+    if not (_HEADER_SAFE.fullmatch(user) and (not password or _HEADER_SAFE.fullmatch(password))):
+        raise Failure(400, 516, "AUTHENTICATION_FAILED", "the user or password holds control characters")
+    return Login(user, password)
 
 
 def _refused_login(login: Login, why: str) -> Failure:
@@ -295,6 +278,43 @@ class ClickHouseLogins:
             return  # ClickHouse does not answer: a login it took within the hour still counts
         raise Failure(503, 745, "SERVER_OVERLOADED", f"the credentials of {login.user} cannot be checked: ClickHouse "
                       f"does not answer ({status or 'no connection'}); retry", 2.0)
+
+
+def _members(body: bytes, encoding: str, limit: int) -> tuple[bytes, bool]:
+    """gzip, deflate, zstd or lz4: every member (frame) one after the other, as ClickHouse reads
+    them, at most ``limit + 1`` bytes in all; and whether the last one ended."""
+    pieces: list[bytes] = []
+    size = 0
+    rest = body
+    while rest and size <= limit:
+        room = limit + 1 - size  # at least 1 (0 would mean no bound to zlib)
+        if encoding == "zstd":
+            import zstandard
+
+            z = zstandard.ZstdDecompressor().decompressobj()
+            at = 0
+            # In small steps: a few bytes of zstd may stand for megabytes, so the bound is checked as it grows.
+            while at < len(rest) and size <= limit and not z.eof:
+                piece = z.decompress(rest[at:at + 256])
+                at += 256
+                pieces.append(piece)
+                size += len(piece)
+            ended, rest = z.eof, z.unused_data + rest[at:]
+        else:
+            if encoding == "lz4":
+                import lz4.frame
+
+                d: Any = lz4.frame.LZ4FrameDecompressor()
+                piece = d.decompress(rest, max_length=room)
+            else:
+                d = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, as ClickHouse clients send them
+                piece = d.decompress(rest, room)
+            pieces.append(piece)
+            size += len(piece)
+            ended, rest = d.eof, d.unused_data
+        if not ended:
+            return b"".join(pieces), size > limit  # past the bound (413), or cut short (400)
+    return b"".join(pieces), True
 
 
 class ClickHouseHttp(Routine):
@@ -447,6 +467,13 @@ class ClickHouseHttp(Routine):
             columns = self._check_columns(insert.table, columns)
         parsing = tuple(sorted((k, v) for k, v in settings.items()
                                if k not in TRANSPORT and k.startswith(PARSING_PREFIXES)))
+        for name, value in parsing:
+            if name.endswith("_skip_first_lines") and value.strip() not in ("", "0"):
+                raise Failure(400, 36, "BAD_ARGUMENTS", f"{name} is not taken: the rows of many inserts are joined "
+                              "into one, where only the first lines of the first would be skipped. Send the rows "
+                              "without the lines to skip")
+            if self.catalog.settings and name not in self.catalog.settings:
+                raise Failure(400, 115, "UNKNOWN_SETTING", f"{name} is not a setting of this ClickHouse")
         key_shape = shape(FORMATS[fmt][0], columns, parsing)
         if len(key_shape.encode()) > MAX_SHAPE:
             raise Failure(400, 36, "BAD_ARGUMENTS", f"the column list and settings are {len(key_shape):,} bytes; at "
@@ -457,7 +484,8 @@ class ClickHouseHttp(Routine):
         rows = text[insert.data_start:]
         if FORMATS[fmt][1] and rows and not rows.endswith(b"\n"):
             rows += b"\n"  # HTTP says where the body ends: its last row is whole, newline or not (as in ClickHouse)
-        write = HttpWrite(insert.table, fmt, rows, key_shape, ack)
+        write = HttpWrite(insert.table, fmt, rows, key_shape, ack,
+                          header_columns=frozenset(c.encode() for c in insert.columns) if insert.columns else None)
         if fmt in (pb.FORMAT_NATIVE, pb.FORMAT_ROW_BINARY):  # they do not say how many rows they hold
             try:
                 write.row_count = count_rows(write.rows) if fmt == pb.FORMAT_NATIVE else count_row_binary(
@@ -556,7 +584,10 @@ class ClickHouseHttp(Routine):
         return self._server_info
 
     async def _read_here(self, request: web.Request, text: bytes, query_id: str) -> web.Response:
-        """On the embedded engine, read-only (readonly=2: settings may change, nothing is written)."""
+        """On the embedded engine, read-only (readonly=1), one statement, nothing written to a file."""
+        refused = one_read(text)
+        if refused is not None:
+            raise Failure(403, 164, "READONLY", f"this read query is not run on the buffer's engine: {refused}")
         params = {k[6:]: v for k, v in request.query.items() if k.startswith("param_")}
         fmt = _output_format(text) or request.query.get("default_format") or _DEFAULT_FORMAT
         sql = text.decode("utf-8", "replace")
@@ -572,9 +603,11 @@ class ClickHouseHttp(Routine):
             number = int(code.group(1)) if code else 1002
             raise Failure(_STATUS.get(number, 500), number, name.group(1) if name else "UNKNOWN_EXCEPTION",
                           text_of[:4000]) from None
-        return web.Response(body=data, headers={"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Format": fmt,
-                                                "X-ClickHouse-Timezone": "UTC",
-                                                "X-ClickHouse-Server-Display-Name": "ingest-buffer"})
+        headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": "UTC",
+                   "X-ClickHouse-Server-Display-Name": "ingest-buffer"}
+        if _HEADER_SAFE.fullmatch(fmt):
+            headers["X-ClickHouse-Format"] = fmt
+        return web.Response(body=data, headers=headers)
 
     async def _forward(self, request: web.Request, query: str, body: bytes, query_id: str) -> web.StreamResponse:
         """To ClickHouse, with the client's credentials and nothing of this buffer's: its grants decide."""
@@ -582,16 +615,23 @@ class ClickHouseHttp(Routine):
                    if k.lower() in _FORWARDED_HEADERS or k.lower().startswith("x-clickhouse-")}
         params = [(k, v) for k, v in request.query.items()]
         assert self.forward_to is not None
-        async with self._client().post(self.forward_to, params=params, data=body, headers=headers) as upstream:
-            response = web.StreamResponse(status=upstream.status, headers={
-                **{k: v for k, v in upstream.headers.items()
-                   if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")},
-                "X-Ingest-Buffer-Forwarded": "1"})  # ClickHouse's own answer, status included
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+        response: web.StreamResponse | None = None
+        try:
+            async with self._client().post(self.forward_to, params=params, data=body, headers=headers) as upstream:
+                response = web.StreamResponse(status=upstream.status, headers={
+                    **{k: v for k, v in upstream.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")},
+                    "X-Ingest-Buffer-Forwarded": "1"})  # ClickHouse's own answer, status included
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (ClientError, TimeoutError, ValueError) as exc:  # ValueError: a header aiohttp will not send
+            if response is not None and response.prepared:
+                raise  # the answer had begun: the client sees it cut short
+            raise Failure(503, 210, "NETWORK_ERROR", f"the read query could not be forwarded to ClickHouse: {exc}; "
+                          "retry", 2.0) from None
 
 
 # The body goes on decompressed (it was read here), so without its Content-Encoding.
@@ -621,17 +661,16 @@ def _encode(columns: list[tuple[str, str, list[Any]]], fmt: str) -> bytes | None
 
 
 def _output_format(text: bytes) -> str | None:
-    """The statement's own FORMAT clause, if it has one (the last FORMAT keyword and the name after it)."""
-    found = None
-    previous = None
+    """The statement's own FORMAT clause, if it has one: FORMAT and a name that end the statement."""
     try:
-        for token in tokens(text[:256 * 1024]):
-            if previous is not None and previous.keyword("FORMAT") and token.kind in ("word", "quoted"):
-                found = token.value
-            previous = token
+        last = [t for t in tokens(text[:256 * 1024]) if t.kind != "end"]
     except SqlError:
         return None
-    return found
+    if last and last[-1].kind == "punct" and last[-1].value == ";":
+        last.pop()
+    if len(last) >= 2 and last[-2].keyword("FORMAT") and last[-1].kind == "word":
+        return last[-1].value
+    return None
 
 
 __all__ = ["ClickHouseHttp", "Failure", "HttpWrite", "decompress"]

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Insert", "SqlError", "Token", "first_word", "parse_insert", "tokens"]
+__all__ = ["Insert", "SqlError", "Token", "first_word", "one_read", "parse_insert", "tokens"]
 
 # A statement's head is at most this long (ClickHouse's own max_query_size is 256 KiB); rows follow.
 MAX_HEAD = 256 * 1024
@@ -124,6 +124,27 @@ def _skip_comment(text: bytes, pos: int) -> int:
     raise _syntax("a /* comment is not closed", pos)
 
 
+def one_read(text: bytes) -> str | None:
+    """Why a read query may not run on the buffer's own engine (None when it may): one statement
+    only, and no INTO OUTFILE (ClickHouse's readonly=1 lets that write a file)."""
+    previous: Token | None = None
+    ended = False
+    try:
+        for token in tokens(text):
+            if token.kind == "end":
+                return None
+            if ended:
+                return "it holds more than one statement: send one at a time"
+            if token.kind == "punct" and token.value == ";":
+                ended = True
+            elif previous is not None and previous.keyword("INTO") and token.keyword("OUTFILE"):
+                return "INTO OUTFILE would write a file on the buffer's host"
+            previous = token
+    except SqlError as exc:
+        return exc.message
+    return None
+
+
 def first_word(text: bytes) -> str:
     """The statement's first keyword, upper case ('' if it starts otherwise): what kind it is."""
     try:
@@ -154,6 +175,10 @@ class _Reader:
     def take(self) -> Token:
         token, self.token = self.token, next(self.it, self.token)
         return token
+
+    def take_last(self) -> Token:
+        """The current token, reading nothing after it (the rows follow: they are not SQL)."""
+        return self.token
 
     def name(self, what: str) -> str:
         token = self.take()
@@ -224,7 +249,7 @@ def parse_insert(text: bytes) -> Insert:
                                               f"against ClickHouse, or send the rows with FORMAT {WORKING}")
     if not token.keyword("FORMAT"):
         raise _syntax(f"expected FORMAT, found {_shown(token)}", token.start)
-    fmt = r.take()
+    fmt = r.take_last()
     if fmt.kind not in ("word", "quoted") or not fmt.value:
         raise _syntax(f"expected a format's name after FORMAT, found {_shown(fmt)}", fmt.start)
     # The rows start after the first newline, if there is one, or after the spaces (as in ClickHouse).

@@ -22,7 +22,6 @@ from buffer.deadletter import DeadLetter
 from buffer.errors import InsertFailure
 from buffer.ledger import Outcome, Reason
 from buffer.ring import Entry, Key
-from buffer.shape import format_of
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,8 @@ class Isolation:
     inserts: int = 0
 
     def letters(self, key: Key, token: str) -> list[DeadLetter]:
-        table, fmt = key[0], format_of(key[1])
+        # The whole shape: rows that came with a column list or parsing settings are replayed with them.
+        table, fmt = key
         return [DeadLetter(table, fmt, f.code, f.name, f.message[:2000], p.rows, token, p.data) for p, f in self.bad]
 
 

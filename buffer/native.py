@@ -36,6 +36,7 @@ _ALIASES = {"Point": "Tuple(Float64, Float64)", "Ring": "Array(Tuple(Float64, Fl
             "MultiLineString": "Array(Array(Tuple(Float64, Float64)))",
             "MultiPolygon": "Array(Array(Array(Tuple(Float64, Float64))))"}
 _NEEDS_DICTIONARY_KEYS = 1 << 9  # LowCardinality: this block carries its own dictionary keys
+MAX_DEPTH = 32  # a column type nested deeper is refused (ClickHouse's own types stay far below it)
 
 
 class NativeError(Exception):
@@ -58,8 +59,10 @@ def _parse_type(text: str) -> Type:
     toks = list(tokens(text.encode()))
     at = 0
 
-    def one() -> Type:
+    def one(depth: int = 0) -> Type:
         nonlocal at
+        if depth > MAX_DEPTH:
+            raise NativeError(f"the column type {text[:200]!r} nests deeper than {MAX_DEPTH} levels")
         tok = toks[at]
         if tok.kind != "word":
             raise NativeError(f"the column type {text!r} cannot be read")
@@ -76,8 +79,11 @@ def _parse_type(text: str) -> Type:
                     raise NativeError(f"the column type {text!r} is not closed")
                 if name in ("Tuple", "Nested") and toks[at].kind == "word" and toks[at + 1].kind == "word":
                     at += 1  # a named element: `name Type`
-                if toks[at].kind == "word" and name not in ("Enum8", "Enum16", "DateTime", "DateTime64"):
-                    nested.append(one())
+                if name == "SimpleAggregateFunction" and not nested and not literals:
+                    literals.append(toks[at].value)  # the function's name, e.g. sum: not a type
+                    at += 1
+                elif toks[at].kind == "word" and name not in ("Enum8", "Enum16", "DateTime", "DateTime64"):
+                    nested.append(one(depth + 1))
                 else:
                     literals.append(toks[at].value)
                     at += 1
@@ -92,13 +98,15 @@ def _parse_type(text: str) -> Type:
         if name in _WIDTHS:
             return Type(name, width=_WIDTHS[name])
         if name == "SimpleAggregateFunction":
-            return nested[-1]
+            return nested[-1]  # its values are its last argument's (the first names the function)
         if name in ("Nullable", "Array", "LowCardinality") and len(nested) == 1:
             return Type(name, tuple(nested))
         if name == "Map" and len(nested) == 2:
             return Type(name, tuple(nested))
-        if name in ("Tuple", "Nested") and nested:
+        if name == "Tuple" and nested:
             return Type("Tuple", tuple(nested))
+        if name == "Nested" and nested:  # a column of its own (flatten_nested=0): Array(Tuple(...))
+            return Type("Array", (Type("Tuple", tuple(nested)),))
         if name == "String":
             return Type(name)
         raise NativeError(f"Native columns of type {text} cannot be counted by this buffer: send the rows as "
@@ -221,8 +229,9 @@ def count_rows(data: bytes | memoryview) -> int:
             r.string()  # its name
             spelled = r.string()
             t = type_of(spelled)
-            _prefix(r, t)
-            _skip(r, t, n)
+            if n:  # a block of no rows carries no values, and no LowCardinality state either
+                _prefix(r, t)
+                _skip(r, t, n)
         rows += n
     return rows
 

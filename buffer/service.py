@@ -132,7 +132,8 @@ class IngestService:
         if not self.catalog.allows(table):
             await self.catalog.check(table)
         if fmt in ("CSV", "TabSeparated"):
-            columns = self.catalog.columns(table)
+            # The insert's own column list when it names one (ClickHouse's HTTP interface), else the table's.
+            columns = getattr(req, "header_columns", None) or self.catalog.columns(table)
             if columns:
                 refuse_header(fmt, payload, columns)
         key = (table, getattr(req, "shape", "") or fmt)  # a shape: rows from ClickHouse's HTTP interface

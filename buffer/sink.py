@@ -43,8 +43,10 @@ class Schema:
 
     database_exists: bool
     columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → column names
-    # table → (name, type) of the columns an INSERT without a column list takes (not MATERIALIZED, ALIAS)
+    # table → (name, type) of the columns an INSERT without a column list takes (not MATERIALIZED, ALIAS,
+    # EPHEMERAL)
     inserted: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    settings: frozenset[str] = frozenset()  # the settings ClickHouse knows (empty: not known)
 
 
 class Sink(Protocol):
@@ -208,6 +210,7 @@ class ClickHouseSink:
             tables = self.query_rows("SELECT name FROM system.tables WHERE database = {db:String}", params)
             rows = self.query_rows("SELECT table, name, type, default_kind FROM system.columns WHERE database = "
                                    "{db:String} ORDER BY table, position", params)
+            settings = frozenset(str(name) for name, in self.query_rows("SELECT name FROM system.settings"))
         except Exception as exc:
             if error_code(exc) == UNKNOWN_DATABASE:  # every query names the database, so this one says it
                 return Schema(False)
@@ -216,19 +219,21 @@ class ClickHouseSink:
         inserted: dict[str, list[tuple[str, str]]] = {}
         for table, column, type_, kind in rows:
             columns.setdefault(str(table), []).append(str(column))
-            if kind not in ("MATERIALIZED", "ALIAS"):
+            if kind not in ("MATERIALIZED", "ALIAS", "EPHEMERAL"):
                 inserted.setdefault(str(table), []).append((str(column), str(type_)))
-        return Schema(True, {t: tuple(c) for t, c in columns.items()}, {t: tuple(c) for t, c in inserted.items()})
+        return Schema(True, {t: tuple(c) for t, c in columns.items()}, {t: tuple(c) for t, c in inserted.items()},
+                      settings)
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         result = self._call(lambda client: client.query(sql, parameters=parameters))
         return [tuple(r) for r in result.result_rows]
 
     def raw_read(self, sql: str, parameters: dict[str, str], fmt: str | None) -> bytes:
-        """A client's read query, read-only (settings may change, nothing is written), its output as
-        ClickHouse gives it; for the embedded engine, which has no users of its own."""
+        """A client's read query, read-only (``readonly=1``: no writes, no settings changed, no table
+        functions such as file() or url()), its output as ClickHouse gives it; for the embedded engine,
+        which has no users of its own. buffer.chhttp refuses INTO OUTFILE and a second statement first."""
         result = self._call(lambda client: client.raw_query(sql, parameters=parameters or None,
-                                                            settings={"readonly": 2}, fmt=fmt))
+                                                            settings={"readonly": 1}, fmt=fmt))
         return bytes(result)
 
     def command(self, sql: str) -> Any:

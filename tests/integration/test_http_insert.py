@@ -5,10 +5,10 @@ ClickHouse HTTP endpoint that read queries are forwarded to)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import datetime
 import gzip
 import hashlib
+import os
 import struct
 import subprocess
 import urllib.error
@@ -188,6 +188,9 @@ async def test_curl_with_gzip_and_zstd_bodies_and_the_query_in_the_body(
     ("INSERT INTO other.t FORMAT CSV", b"1,a\n", 81, 404, "other"),
     ("INSERT INTO t FORMAT", b"", 62, 400, "format's name"),
     ("DROP TABLE t", b"", 48, 501, "DROP"),
+    # A name is a name, quoted again when sent: no statement can be made of it (t is still there below).
+    ("INSERT INTO `t; DROP TABLE t` FORMAT CSV", b"1,a\n", 27, 400, "table"),
+    ("INSERT INTO t (`id) FORMAT CSV; DROP TABLE t --`) FORMAT CSV", b"1,a\n", 16, 400, "DROP TABLE"),
 ])
 async def test_bad_input_gets_clickhouses_status_code_and_a_message_that_says_what_to_do(
         clickhouse: ClickHouse, start_buffer: Callable[..., Any], query: str, body: bytes, code: int, status: int,
@@ -207,10 +210,18 @@ async def test_bad_input_gets_clickhouses_status_code_and_a_message_that_says_wh
 
 async def test_clickhouse_connect_raises_its_usual_exception_with_the_buffers_message(
         clickhouse: ClickHouse, start_buffer: Callable[..., Any]) -> None:
-    buf = await start(start_buffer)
+    clickhouse.create("t")
+    buf = await start(start_buffer, buffer_max_bytes="4KiB", max_request_bytes="4KiB", flush_max_bytes="4KiB",
+                      flush_interval="1h", when_full="reject")
     c = await asyncio.to_thread(client, buf, clickhouse)
     with pytest.raises(DatabaseError, match="missing_table"):
         await asyncio.to_thread(c.raw_insert, "missing_table", None, b'{"id":1}\n', fmt="JSONEachRow")
+    with pytest.raises(DatabaseError, match="line 2 of the JSONEachRow payload is not one JSON object"):
+        await asyncio.to_thread(c.raw_insert, "t", None, b'{"id":1}\n[1, 2]\n', fmt="JSONEachRow")
+    big = b'{"id":1,"s":"%s"}\n' % (b"x" * 3000)
+    await asyncio.to_thread(c.raw_insert, "t", None, big, fmt="JSONEachRow")
+    with pytest.raises(DatabaseError, match=r"code: 745.*buffer full: 3016/4096 bytes"):
+        await asyncio.to_thread(c.raw_insert, "t", None, big, fmt="JSONEachRow")
 
 
 async def test_a_full_buffer_answers_503_with_retry_after(clickhouse: ClickHouse,
@@ -435,3 +446,32 @@ async def test_with_reads_off_clients_still_connect_and_insert_and_other_reads_a
     assert c.server_version == clickhouse.client.server_version  # ClickHouse's own, asked with the buffer's login
     await buf.flush()
     assert clickhouse.count("t") == 1
+
+
+async def test_what_joined_batches_would_get_wrong_is_refused_at_the_door(clickhouse: ClickHouse,
+                                                                         start_buffer: Callable[..., Any]) -> None:
+    clickhouse.create("t")
+    buf = await start(start_buffer)
+    skip = await asyncio.to_thread(post, buf, b"h\n1,a\n", "INSERT INTO t FORMAT CSV",
+                                   input_format_csv_skip_first_lines="1")
+    unknown = await asyncio.to_thread(post, buf, b"1,a\n", "INSERT INTO t FORMAT CSV", input_format_no_such_thing="1")
+    header = await asyncio.to_thread(post, buf, b"s,id\na,1\n", "INSERT INTO t (s, id) FORMAT CSV")
+    assert [(a[0], a[1].get("X-ClickHouse-Exception-Code")) for a in (skip, unknown, header)] == [
+        (400, "36"), (400, "115"), (400, "27")]
+    assert b"joined" in skip[2] and b"input_format_no_such_thing" in unknown[2] and b"header" in header[2]
+
+
+async def test_a_read_on_the_embedded_engine_cannot_write_or_reach_files(clickhouse: ClickHouse, tmp_path: Path,
+                                                                        start_buffer: Callable[..., Any]) -> None:
+    if not clickhouse.url.startswith("chdb://"):
+        pytest.skip("reads are forwarded to ClickHouse here: its own grants decide")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read\n")
+    buf = await start(start_buffer)
+    outfile = tmp_path / "out.txt"
+    for query in (f"SELECT 'x' INTO OUTFILE '{outfile}'", f"SELECT * FROM file('{secret}', 'LineAsString')",
+                  f"SELECT 1; INSERT INTO FUNCTION file('{outfile}', 'LineAsString') SELECT 'x'"):
+        status, headers, text = await asyncio.to_thread(post, buf, query.encode())
+        assert (status, headers.get("X-ClickHouse-Exception-Code")) == (403, "164"), text
+        assert b"do not read" not in text
+    assert not outfile.exists()

@@ -24,7 +24,8 @@ from tests.kube.harness import Container, Pod, Service
 from tests.lifecycle.conftest import ROOT
 
 SECRETS = {"clickhouse-credentials": {"password": "unused-by-the-test-endpoint"},
-           "clickhouse-ca": {"ca.crt": "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"}}
+           "clickhouse-ca": {"ca.crt": "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"},
+           "ingest-buffer-http-users": {"users": "app:s3cret\n"}}
 
 
 @pytest.fixture(scope="module")

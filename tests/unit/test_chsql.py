@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buffer.chhttp import Failure, decompress
-from buffer.chsql import SqlError, first_word, parse_insert, tokens
+from buffer.chsql import SqlError, first_word, one_read, parse_insert, tokens
 from buffer.errors import quote_identifier
 from buffer.shape import format_of, parse, shape
 from buffer.walformat import decode_rows, rows_record
@@ -38,6 +38,18 @@ def test_the_head_is_read_as_clickhouses_lexer_reads_it() -> None:
 ])
 def test_the_rows_start_where_clickhouse_starts_them(text: bytes, rows: bytes) -> None:
     assert text[parse_insert(text).data_start:] == rows
+
+
+def test_the_rows_are_never_read_as_sql() -> None:
+    for rows in (b"/* never closed", b'"caf\xe9",1\n', b"'\xff\xfe", b"`"):
+        text = b"INSERT INTO t FORMAT RowBinary\n" + rows
+        assert text[parse_insert(text).data_start:] == rows
+
+
+def test_a_read_on_the_engine_is_one_statement_and_writes_no_file() -> None:
+    assert one_read(b"SELECT 1;") is None and one_read(b"SELECT ';' -- ; x") is None
+    assert "more than one statement" in (one_read(b"SELECT 1; INSERT INTO FUNCTION file('x') SELECT 1") or "")
+    assert "OUTFILE" in (one_read(b"SELECT 1 into /* */ OUTFILE '/tmp/x'") or "")
 
 
 def test_the_word_format_inside_a_name_or_a_comment_is_not_the_clause() -> None:
@@ -134,8 +146,11 @@ def test_a_compressed_body_cut_short_is_refused_not_taken_in_part(encoding: str)
     assert (caught.value.status, caught.value.code) == (400, 271)
 
 
-def test_a_second_zstd_frame_is_refused_rather_than_dropped() -> None:
-    packed = zstandard.ZstdCompressor().compress(PAYLOAD) + zstandard.ZstdCompressor().compress(b"more\n")
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "zstd", "lz4"])
+def test_every_member_of_a_concatenated_body_is_read_and_trailing_bytes_are_refused(encoding: str) -> None:
+    pack = {"gzip": gzip.compress, "deflate": zlib.compress, "zstd": zstandard.ZstdCompressor().compress,
+            "lz4": lz4.frame.compress}[encoding]
+    assert decompress(pack(PAYLOAD) + pack(b"more\n"), encoding, 10 * len(PAYLOAD)) == PAYLOAD + b"more\n"
     with pytest.raises(Failure) as caught:
-        decompress(packed, "zstd", 10 * len(PAYLOAD))
-    assert caught.value.code == 271 and "frame" in caught.value.message
+        decompress(pack(PAYLOAD) + b"not compressed", encoding, 10 * len(PAYLOAD))
+    assert caught.value.code == 271

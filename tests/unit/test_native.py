@@ -66,3 +66,17 @@ def test_row_binary_is_counted_by_the_columns_types() -> None:
         count_row_binary(body[:-1], types)  # the last row cut short
     with pytest.raises(NativeError):
         count_row_binary(body, types[:-1])  # not the columns the body holds: it cannot end at a row's end
+
+
+def test_layouts_a_table_may_have_beyond_the_common_ones() -> None:
+    # A block of no rows carries no LowCardinality state: ClickHouse takes a header-only block first.
+    empty = bytes([1, 0, 1]) + b"a" + bytes([22]) + b"LowCardinality(String)"
+    lc = native("SELECT toLowCardinality(toString(number)) AS a FROM numbers(3)")
+    assert count_rows(empty + lc) == 3
+    agg = native("SELECT CAST(number AS SimpleAggregateFunction(sum, UInt64)) AS s FROM numbers(4)")
+    assert count_rows(agg) == 4
+    nested = native("SELECT CAST([(1, 2), (3, 4)] AS Nested(a UInt8, b UInt8)) AS n FROM numbers(2) "
+                    "SETTINGS flatten_nested = 0", "RowBinary")
+    assert count_row_binary(nested, ["Nested(a UInt8, b UInt8)"]) == 2
+    with pytest.raises(NativeError, match="nests deeper"):
+        count_row_binary(b"\x00", ["Array(" * 1000 + "UInt8" + ")" * 1000])
