@@ -86,7 +86,8 @@ class App:
         embedded = cfg.targets()[0].embedded_path if cfg.is_embedded else None
         routes = AdminRoutes(self.lifecycle, self.ring, self.flusher, self.telemetry, lambda: self.replay,
                              run_sql=(lambda sql: command_text(self.sink.command(sql))) if embedded else None,
-                             embedded_path=embedded or "", database=database, after_sql=self.catalog.refresh)
+                             embedded_path=embedded or "", database=database, after_sql=self.catalog.refresh,
+                             wal=self.wal)
         self.admin = AdminServer(http[0], http[1], routes.table(), local_only=frozenset({("POST", "/drain"),
                                                                                           ("POST", "/sql")}))
         self.replay: Replay | None = None

@@ -110,6 +110,13 @@ def _check_config(args: argparse.Namespace) -> int:
     return 1 if any(f.level == "error" or f.unchecked for f in findings) else 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from buffer.top import run
+
+    urls = [u.strip() for given in (args.url or ["http://127.0.0.1:8481"]) for u in given.split(",") if u.strip()]
+    return run(urls, max(0.2, args.interval))
+
+
 def _drain(args: argparse.Namespace) -> int:
     address = args.http_listen or os.environ.get(ENV_PREFIX + "HTTP_LISTEN", "127.0.0.1:8481")
     try:
@@ -322,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     drain.set_defaults(func=_drain)
 
+    top = sub.add_parser("top", help="a live view of running buffers (their GET /status), q to quit")
+    top.add_argument("--url", action="append", default=None, metavar="URL",
+                     help="a buffer's admin listener, e.g. http://127.0.0.1:8481 (again, or comma-separated, for "
+                          "several; a name with several addresses, such as a headless Service, is one per address)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between readings (default 1)")
+    top.set_defaults(func=_top)
+
     snd = sub.add_parser("send", help="send rows from a file or stdin to a running buffer")
     snd.add_argument("file", nargs="?", default=None, help="file to send; - or absent for stdin")
     snd.add_argument("--table", required=True, help="table to insert into")
@@ -370,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 # What only the server needs (`pip install 'ingest-buffer[server]'`): the client alone has grpcio,
 # protobuf and orjson.
 SERVER_MODULES = frozenset({"clickhouse_connect", "opentelemetry", "prometheus_client", "grpc_health",
-                            "grpc_reflection", "grpc_status", "lz4", "zstandard", "crc32c"})
+                            "grpc_reflection", "grpc_status", "lz4", "zstandard", "crc32c", "aiohttp", "brotli",
+                            "rich"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

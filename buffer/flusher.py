@@ -260,6 +260,14 @@ class Flusher(Routine):
             return self.wal.token(min(lsns), max(lsns))
         return f"{self.instance}-{head.seq}-{batch[-1].seq}"
 
+    def in_flight(self) -> dict[str, tuple[int, int]]:
+        """Rows and bytes being inserted now, by table (GET /status)."""
+        out: dict[str, tuple[int, int]] = {}
+        for key, batch, _ in self._in_flight.values():
+            rows, size = out.get(key[0], (0, 0))
+            out[key[0]] = (rows + sum(e.rows for e in batch), size + sum(e.size for e in batch))
+        return out
+
     async def _flush(self, key: Key, batch: list[Entry]) -> None:
         table, fmt = key[0], format_of(key[1])
         rows = sum(e.rows for e in batch)
@@ -289,6 +297,8 @@ class Flusher(Routine):
                 self.stats.batches += 1
                 self.stats.last_success = time.time()
                 self.stats.last_error = ""
+                self.stats.table_errors.pop(table, None)
+                self.stats.insert_seconds.append(time.monotonic() - t0)
                 log.info("flushed %d rows (%d bytes) into %s in %.3fs", rows, size, table, time.monotonic() - t0,
                          extra={"table": table, "format": fmt, "rows": rows, "bytes": size, "attempts": attempts,
                                 "seconds": round(time.monotonic() - t0, 4), "token": token})

@@ -21,6 +21,7 @@ not written and logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -52,6 +53,9 @@ class FlushStats:
     errors: dict[str, int] = field(default_factory=dict)
     last_success: float | None = None
     last_error: str = ""
+    # For GET /status: each table's last failed attempt (cleared when it flushes), recent inserts' seconds.
+    table_errors: dict[str, str] = field(default_factory=dict)
+    insert_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=512))
 
 
 @dataclass
@@ -122,6 +126,7 @@ class Inserter:
                     failure = classify(exc, attempt)
                 self.stats.errors[failure.name] = self.stats.errors.get(failure.name, 0) + 1
                 self.stats.last_error = failure.message
+                self.stats.table_errors[table] = f"{failure.name}: {failure.message[:300]}"
                 if failure.kind is Kind.POISON:
                     self._release(table)  # the table takes inserts again; these rows are the problem
                     return Attempted(failure, attempt)

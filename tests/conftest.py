@@ -67,8 +67,9 @@ class ClickHouse:
 class HttpEndpoint:
     """tests/clickhouse_http.py in its own process: ClickHouse over HTTP, backed by chDB."""
 
-    def __init__(self, path: Path, user: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
-        args = [sys.executable, "-m", "tests.clickhouse_http", "--path", str(path), "--port", "0"]
+    def __init__(self, path: Path, user: str | None = None, tls: tuple[Path, Path] | None = None,
+                 port: int = 0) -> None:
+        args = [sys.executable, "-m", "tests.clickhouse_http", "--path", str(path), "--port", str(port)]
         if user:
             args += ["--user", user]
         if tls:
