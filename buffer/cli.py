@@ -110,6 +110,19 @@ def _check_config(args: argparse.Namespace) -> int:
     return 1 if any(f.level == "error" or f.unchecked for f in findings) else 0
 
 
+def _print_summary(summary: dict[str, object]) -> None:
+    """One line of JSON for a pipe; on a terminal, the same JSON laid out by rich (when installed)."""
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+        except ImportError:
+            pass
+        else:
+            Console().print_json(json.dumps(summary))
+            return
+    print(json.dumps(summary))
+
+
 def _top(args: argparse.Namespace) -> int:
     from buffer.top import run
 
@@ -171,7 +184,7 @@ def _send(args: argparse.Namespace) -> int:
                        row_count=args.row_count, flush=args.flush, progress=show, timeout=args.timeout,
                        retry_for=args.retry_for)
     except SendFailed as exc:
-        print(json.dumps(exc.summary))
+        _print_summary(exc.summary)
         s = exc.summary
         rest = "" if s.get("input_read_whole") else "; reading the input stopped there"
         print(f"ingest-buffer send: {exc.error}. Of the {s['rows_sent']:,} rows read and sent, the buffer "
@@ -183,7 +196,7 @@ def _send(args: argparse.Namespace) -> int:
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    print(json.dumps(summary))
+    _print_summary(summary)
     flushed = summary.get("flush")
     if isinstance(flushed, dict) and not flushed.get("committed"):
         print(f"ingest-buffer send: every row sent was acknowledged, but of the rows the buffer held at the flush "

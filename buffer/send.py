@@ -20,8 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from buffer.api import FORMATS
 from buffer.api import ingest_pb2 as pb
@@ -99,41 +98,36 @@ def _last_row_end(data: bytes, csv: bool) -> int:
     return 0
 
 
-@dataclass
 class Progress:
-    total: int | None
-    enabled: bool
-    sent_bytes: int = 0
-    sent_rows: int = 0
-    messages: int = 0
-    started: float = 0.0
-    _last: float = 0.0
+    """The progress bar on stderr, drawn by rich (the server's extra has it; without it, no bar)."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.started = time.monotonic()
+        self.sent_rows = 0
+        self._bar: Any = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+            from rich.progress import Progress as Bar
+        except ImportError:
+            return  # the client-only install: the summary says it all
+        self._bar = Bar(BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TextColumn("{task.fields[rows]:>12,} rows {task.fields[rate]:>10,.0f} rows/s"),
+                        TimeElapsedColumn(), console=Console(stderr=True))
+        self._task = self._bar.add_task("send", total=total, rows=0, rate=0.0)
+        self._bar.start()
 
     def update(self, size: int, rows: int) -> None:
-        self.sent_bytes += size
         self.sent_rows += rows
-        self.messages += 1
-        now = time.monotonic()
-        if self.enabled and now - self._last >= 0.2:
-            self._last = now
-            self.draw(now)
-
-    def draw(self, now: float) -> None:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.sent_rows / elapsed
-        if self.total:
-            frac = min(1.0, self.sent_bytes / self.total)
-            bar = "#" * int(frac * 30)
-            head = f"[{bar:<30}] {frac * 100:5.1f}%"
-        else:
-            head = f"{self.sent_bytes / 1e6:8.1f} MB"
-        sys.stderr.write(f"\r{head} {self.sent_rows:>12,} rows {rate:>10,.0f} rows/s")
-        sys.stderr.flush()
+        if self._bar is not None:
+            rate = self.sent_rows / max(time.monotonic() - self.started, 1e-9)
+            self._bar.update(self._task, advance=size, rows=self.sent_rows, rate=rate)
 
     def close(self) -> None:
-        if self.enabled:
-            self.draw(time.monotonic())
-            sys.stderr.write("\n")
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: int | None, chunk_bytes: int,
@@ -142,7 +136,7 @@ def send(target: str, table: str, fmt: pb.Format, stream: BinaryIO, *, total: in
     """Sends the input; returns the summary. Raises SendFailed when a request failed for good, and
     ValueError for bad input."""
     name, is_lines = FORMATS[fmt]
-    bar = Progress(total, progress, started=time.monotonic())
+    bar = Progress(total, progress)
     failed: list[WriteFailed] = []
 
     def note(future: Future[Ack]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -336,3 +337,16 @@ async def test_poison_rows_through_the_http_path(clickhouse: ClickHouse, start_b
     assert (done.rows_committed, done.rows_failed) == (996, 4)
     assert buf.app.ledger.rows_by(Fate.KEPT) == 4
     report("poison rows (4 in 1000)", clickhouse, 1000, dead_lettered=buf.app.ledger.rows_by(Fate.KEPT))
+
+
+async def test_send_draws_its_progress_with_rich_and_its_summary_stays_json(
+        clickhouse: ClickHouse, start_buffer: Callable[..., Any], tmp_path: Any) -> None:
+    clickhouse.create("t")
+    buf = await start_buffer()
+    data = tmp_path / "rows.ndjson"
+    data.write_bytes(jrows(0, 5_000))
+    code, summary, err = await run_send(str(data), "--table", "t", "--target", buf.app.grpc.bound, "--progress", "on")
+    assert code == 0 and summary is not None and summary["rows_acknowledged"] == 5_000, err
+    # rich's last frame, on stderr: the bytes sent of the file's size, and the rows.
+    size_kb = f"{data.stat().st_size / 1000:.1f}"
+    assert re.search(rf"{size_kb}/{size_kb} kB .* 5,000 rows", err), err
