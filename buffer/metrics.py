@@ -24,8 +24,10 @@ def register(t: Telemetry, ledger: Ledger, ring: Ring, flusher: Flusher, lifecyc
     fl = flusher
 
     def not_kept() -> list[tuple[float, dict[str, str]]]:
-        return [(n, {"reason": r.label, "intentional": str(r.fate is Fate.DROPPED).lower()})
-                for r, n in ledger.by_reason().items() if r.fate is not Fate.KEPT]
+        # Every reason, at 0 until it happens: an alert on an increase sees a series from the start.
+        counts = ledger.by_reason()
+        return [(counts.get(r, 0), {"reason": r.label, "intentional": str(r.fate is Fate.DROPPED).lower()})
+                for r in Reason if r.fate is not Fate.KEPT]
 
     def dead_lettered() -> list[tuple[float, dict[str, str]]]:
         return [(n, {"error": o.error}) for o, n in ledger.failed.items() if o.reason is Reason.DEAD_LETTERED]

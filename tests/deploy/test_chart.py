@@ -16,7 +16,7 @@ from tests.deploy.chart import CHART, CI_VALUES, ROOT, find, render, values_file
 
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
 # Custom resources have no schema in Kubernetes' own set; they are checked by the Helm lint only.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
