@@ -207,3 +207,38 @@ def test_the_clickhouse_http_interface_is_loopback_in_a_sidecar_and_authenticate
     assert ports["clickhouse-http"]["port"] == 8123 and ports["clickhouse-http"]["targetPort"] == "clickhouse-http"
     with pytest.raises(HelmRenderError, match=r"clickhouseHttp\.usersSecret is empty"):
         render({"mode": "gateway", "clickhouseHttp": {"enabled": True, "auth": "users-file"}})
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"buffer": {"maxBytes": "10MiB"}}, "buffer.maxRequestBytes (16MiB) is larger than buffer.maxBytes (10MiB)"),
+    ({"buffer": {"maxBytes": "64MiB"}, "flush": {"maxBytes": "128MiB"}}, "flush.maxBytes (128MiB) is larger"),
+    ({"buffer": {"maxBytes": "2GiB"}}, "resources.limits.memory (512Mi): the kubelet would OOM-kill"),
+    ({"buffer": {"maxBytes": "1GiB"}, "resources": {"limits": {"memory": "1Gi"}}}, "at least 1152Mi"),
+    ({"wal": {"maxBytes": "3GiB"}}, "wal.maxBytes (3GiB) is larger than the log's volume (wal.sizeLimit 2Gi)"),
+    ({"mode": "gateway", "wal": {"maxBytes": "20GiB", "persistence": {"enabled": True, "size": "10Gi"}}},
+     "(wal.persistence.size 10Gi)"),
+])
+def test_values_that_would_crash_loop_or_be_killed_are_refused_naming_the_value(values: dict[str, Any],
+                                                                                  words: str) -> None:
+    with pytest.raises(HelmRenderError) as caught:
+        render(values)
+    assert words in str(caught.value)
+
+
+def test_values_that_fit_render_and_the_buffer_takes_what_they_render() -> None:
+    from buffer.config import load
+
+    for values in ({}, {"buffer": {"maxBytes": "384MiB"}}, {"buffer": {"maxBytes": "1GiB"},
+                                                            "resources": {"limits": {"memory": "1152Mi"}}}):
+        container = pod_spec(render(values), "-example")["initContainers"][0]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env = {k: v for k, v in env.items() if not k.endswith(("_FILE", "_DIR", "_LISTEN"))}
+        load({}, env=env)  # raises ConfigError for anything the buffer would refuse at start
+
+
+@pytest.mark.parametrize(("kube", "native"), [("v1.27.0", False), ("v1.33.0", True)])
+def test_the_example_is_a_native_sidecar_only_where_the_cluster_has_them(kube: str, native: bool) -> None:
+    spec = pod_spec(render(values_file(CHART / "ci" / "sidecar-values.yaml"), kube_version=kube), "-example")
+    names = [c["name"] for c in spec.get("initContainers", [])]
+    assert ("ingest-buffer" in names) is native
+    assert ("ingest-buffer" in [c["name"] for c in spec["containers"]]) is not native

@@ -63,7 +63,67 @@ The grace period must cover the drain deadline plus the exit; derived unless set
 {{- end }}
 {{- end }}
 
+{{/*
+A size as the buffer reads it (binary units, any case: 64MiB, 512k, 1048576) in bytes.
+*/}}
+{{- define "ingest-buffer.bytes" -}}
+{{- $s := lower (trim (toString .)) }}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $s }}
+{{- $units := dict "" 1 "b" 1 "k" 1024 "kb" 1024 "ki" 1024 "kib" 1024 "m" 1048576 "mb" 1048576 "mi" 1048576 "mib" 1048576 "g" 1073741824 "gb" 1073741824 "gi" 1073741824 "gib" 1073741824 }}
+{{- mulf (float64 $n) (get $units (trim (trimPrefix $n $s))) | int64 }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity (512Mi, 2Gi, 500M, 1073741824) in bytes.
+*/}}
+{{- define "ingest-buffer.quantity" -}}
+{{- $s := trim (toString .) }}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $s }}
+{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- mulf (float64 $n) (get $units (trimPrefix $n $s)) | int64 }}
+{{- end }}
+
+{{/*
+What the buffer would refuse at start (a crash loop), or the kubelet would do to it (an OOM kill, an
+eviction), refused here with the value to change.
+*/}}
+{{- define "ingest-buffer.validate" -}}
+{{- $max := include "ingest-buffer.bytes" .Values.buffer.maxBytes | int64 }}
+{{- $request := include "ingest-buffer.bytes" .Values.buffer.maxRequestBytes | int64 }}
+{{- $flush := include "ingest-buffer.bytes" .Values.flush.maxBytes | int64 }}
+{{- if gt $request $max }}
+{{- fail (printf "buffer.maxRequestBytes (%v) is larger than buffer.maxBytes (%v): the buffer would refuse to start (a crash loop); raise buffer.maxBytes or lower buffer.maxRequestBytes" .Values.buffer.maxRequestBytes .Values.buffer.maxBytes) }}
+{{- end }}
+{{- if gt $flush $max }}
+{{- fail (printf "flush.maxBytes (%v) is larger than buffer.maxBytes (%v): the buffer would refuse to start (a crash loop); raise buffer.maxBytes or lower flush.maxBytes" .Values.flush.maxBytes .Values.buffer.maxBytes) }}
+{{- end }}
+{{- with (.Values.resources.limits | default dict).memory }}
+{{- $limit := include "ingest-buffer.quantity" . | int64 }}
+{{- $headroom := 134217728 }}
+{{- if gt (add $max $headroom) $limit }}
+{{- fail (printf "buffer.maxBytes (%v) plus the process's own 128Mi does not fit resources.limits.memory (%v): the kubelet would OOM-kill the buffer with rows in it; raise the limit to at least %dMi or lower buffer.maxBytes" $.Values.buffer.maxBytes . (div (add $max $headroom 1048575) 1048576)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.wal.enabled }}
+{{- $wal := include "ingest-buffer.bytes" .Values.wal.maxBytes | int64 }}
+{{- $claim := include "ingest-buffer.walClaim" . }}
+{{- $disk := ternary .Values.wal.persistence.size .Values.wal.sizeLimit (eq $claim "true") }}
+{{- if gt $wal (include "ingest-buffer.quantity" $disk | int64) }}
+{{- fail (printf "wal.maxBytes (%v) is larger than the log's volume (%s %v): the kubelet would evict the pod when the log grows past it; lower wal.maxBytes or raise %s" .Values.wal.maxBytes (ternary "wal.persistence.size" "wal.sizeLimit" (eq $claim "true")) $disk (ternary "wal.persistence.size" "wal.sizeLimit" (eq $claim "true"))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the buffer runs as a native sidecar: sidecar.native, on a cluster that has them (1.29+).
+On an older one the example falls back to a plain container, which relies on its linger.
+*/}}
+{{- define "ingest-buffer.native" -}}
+{{- if and .Values.sidecar.native (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
+{{- end }}
+
 {{- define "ingest-buffer.env" -}}
+{{- $_ := include "ingest-buffer.validate" . -}}
 - name: INGEST_BUFFER_MODE
   value: {{ .Values.mode | quote }}
 - name: INGEST_BUFFER_GRPC_LISTEN
@@ -236,6 +296,9 @@ volumeMounts:
 {{- end }}
 
 {{- define "ingest-buffer.sidecar" -}}
+{{- if semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version }}
+{{- fail (printf "the ingest-buffer.sidecar template is a native sidecar (an init container with restartPolicy Always), which needs Kubernetes 1.29 or later, and this cluster is %s: include ingest-buffer.container among the pod's containers instead (it then relies on shutdown.lingerSeconds)" .Capabilities.KubeVersion.Version) }}
+{{- end -}}
 - {{ include "ingest-buffer.container" . | indent 2 | trim }}
   # A native sidecar: started before the application, stopped after it (Kubernetes >= 1.29).
   restartPolicy: Always
