@@ -56,6 +56,9 @@ class Target:
             self.down_since = self.down_since or time.time()
             self.previous = None  # counters start again after a restart
             return
+        self._take(status)
+
+    def _take(self, status: dict[str, Any]) -> None:
         self.error, self.down_since = "", None
         self.previous, self.status = self.status, status
         if self.previous is not None and self.previous.get("uptime_seconds", 0) <= status["uptime_seconds"]:
@@ -78,10 +81,8 @@ def expand(urls: list[str]) -> list[str]:
             addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
         except OSError:
             addresses = [host]
-        if len(addresses) <= 1:
-            out.append(f"{parts.scheme}://{host}:{port}")
-        else:
-            out.extend(f"{parts.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in addresses)
+        named = [host] if len(addresses) <= 1 else addresses
+        out.extend(f"{parts.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in named)
     return out
 
 

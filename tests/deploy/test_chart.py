@@ -217,6 +217,7 @@ def test_the_clickhouse_http_interface_is_loopback_in_a_sidecar_and_authenticate
     ({"wal": {"maxBytes": "3GiB"}}, "wal.maxBytes (3GiB) is larger than the log's volume (wal.sizeLimit 2Gi)"),
     ({"mode": "gateway", "wal": {"maxBytes": "20GiB", "persistence": {"enabled": True, "size": "10Gi"}}},
      "(wal.persistence.size 10Gi)"),
+    ({"deadLetters": {"maxBytes": "0"}}, "deadLetters.maxBytes (0) must be more than 0 bytes"),
 ])
 def test_values_that_would_crash_loop_or_be_killed_are_refused_naming_the_value(values: dict[str, Any],
                                                                                   words: str) -> None:
@@ -229,7 +230,9 @@ def test_values_that_fit_render_and_the_buffer_takes_what_they_render() -> None:
     from buffer.config import load
 
     for values in ({}, {"buffer": {"maxBytes": "384MiB"}}, {"buffer": {"maxBytes": "1GiB"},
-                                                            "resources": {"limits": {"memory": "1152Mi"}}}):
+                                                            "resources": {"limits": {"memory": "1152Mi"}}},
+                   {"buffer": {"maxBytes": "16MiB"}, "flush": {"maxBytes": "16MiB"}, "wal": {"maxBytes": "2Gi"}},
+                   {"deadLetters": {"maxBytes": "1"}, "wal": {"syncIntervalSeconds": 0.001}}):
         container = pod_spec(render(values), "-example")["initContainers"][0]
         env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         env = {k: v for k, v in env.items() if not k.endswith(("_FILE", "_DIR", "_LISTEN"))}

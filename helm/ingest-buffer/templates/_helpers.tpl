@@ -88,6 +88,11 @@ What the buffer would refuse at start (a crash loop), or the kubelet would do to
 eviction), refused here with the value to change.
 */}}
 {{- define "ingest-buffer.validate" -}}
+{{- range $name, $size := dict "buffer.maxBytes" .Values.buffer.maxBytes "buffer.maxRequestBytes" .Values.buffer.maxRequestBytes "flush.maxBytes" .Values.flush.maxBytes "deadLetters.maxBytes" .Values.deadLetters.maxBytes "wal.maxBytes" .Values.wal.maxBytes }}
+{{- if le (include "ingest-buffer.bytes" $size | int64) 0 }}
+{{- fail (printf "%s (%v) must be more than 0 bytes: the buffer would refuse to start (a crash loop)" $name $size) }}
+{{- end }}
+{{- end }}
 {{- $max := include "ingest-buffer.bytes" .Values.buffer.maxBytes | int64 }}
 {{- $request := include "ingest-buffer.bytes" .Values.buffer.maxRequestBytes | int64 }}
 {{- $flush := include "ingest-buffer.bytes" .Values.flush.maxBytes | int64 }}
