@@ -260,12 +260,14 @@ class Flusher(Routine):
             return self.wal.token(min(lsns), max(lsns))
         return f"{self.instance}-{head.seq}-{batch[-1].seq}"
 
-    def in_flight(self) -> dict[str, tuple[int, int]]:
-        """Rows and bytes being inserted now, by table (GET /status)."""
-        out: dict[str, tuple[int, int]] = {}
+    def in_flight(self) -> dict[str, tuple[int, int, float]]:
+        """Rows and bytes being inserted now, and when the oldest of them was accepted, by table
+        (GET /status)."""
+        out: dict[str, tuple[int, int, float]] = {}
         for key, batch, _ in self._in_flight.values():
-            rows, size = out.get(key[0], (0, 0))
-            out[key[0]] = (rows + sum(e.rows for e in batch), size + sum(e.size for e in batch))
+            rows, size, oldest = out.get(key[0], (0, 0, float("inf")))
+            out[key[0]] = (rows + sum(e.rows for e in batch), size + sum(e.size for e in batch),
+                           min([oldest, *(e.accepted_at for e in batch)]))
         return out
 
     async def _flush(self, key: Key, batch: list[Entry]) -> None:

@@ -66,10 +66,11 @@ class AdminRoutes:
             t["bytes"] += size
             if oldest is not None:
                 t["oldest_row_seconds"] = round(max(t["oldest_row_seconds"], now - oldest), 3)
-        for table, (rows, size) in self.flusher.in_flight().items():
+        for table, (rows, size, oldest) in self.flusher.in_flight().items():
             t = of(table)
             t["rows"] += rows
             t["bytes"] += size
+            t["oldest_row_seconds"] = round(max(t["oldest_row_seconds"], now - oldest), 3)
         for table in {*stats.table_errors, *(h.table for h in self.flusher.held.values())}:
             of(table)
         for table, t in tables.items():

@@ -12,6 +12,7 @@ per address.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import select
 import socket
@@ -32,6 +33,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+RESOLVE_EVERY = 10  # ticks between looking up the names again
+REQUIRED = frozenset({"state", "mode", "version", "uptime_seconds", "time_unix", "buffer", "rows", "inserts",
+                      "wal", "tables"})
 STATE_STYLE = {"serving": "bold green", "draining": "bold yellow", "refusing": "bold red", "starting": "yellow",
                "stopped": "red"}
 
@@ -51,10 +55,12 @@ class Target:
         try:
             with urllib.request.urlopen(self.url.rstrip("/") + "/status", timeout=timeout) as r:
                 status = json.loads(r.read())
+            if not isinstance(status, dict) or not status.keys() >= REQUIRED:
+                raise ValueError("its /status is not an ingest-buffer's (is this the admin listener's port?)")
         except (OSError, ValueError) as exc:
             self.error = str(getattr(exc, "reason", exc))
             self.down_since = self.down_since or time.time()
-            self.previous = None  # counters start again after a restart
+            self.status = None  # the next answer starts afresh: no rate across the gap
             return
         self._take(status)
 
@@ -70,11 +76,13 @@ class Target:
 
 
 def expand(urls: list[str]) -> list[str]:
-    """Each URL, or one per address when its host name has several (a headless Service's endpoints)."""
+    """Each URL, or one per address when its host name has several (a headless Service's endpoints).
+    Raises ValueError for a URL that is not one."""
     out: list[str] = []
     for url in urls:
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 8481
+        host, port = parts.hostname or "127.0.0.1", parts.port or 8481  # .port raises for a bad one
+        path = parts.path.rstrip("/")
         try:
             if host == "localhost" or _is_address(host):
                 raise OSError("one buffer")
@@ -82,7 +90,7 @@ def expand(urls: list[str]) -> list[str]:
         except OSError:
             addresses = [host]
         named = [host] if len(addresses) <= 1 else addresses
-        out.extend(f"{parts.scheme}://{f'[{a}]' if ':' in a else a}:{port}" for a in named)
+        out.extend(f"{parts.scheme}://{f'[{a}]' if ':' in a else a}:{port}{path}" for a in named)
     return out
 
 
@@ -116,6 +124,14 @@ def _fill(label: str, value: float, cap: float, text: str) -> Table:
 
 def panel(target: Target) -> Panel:
     """One buffer's panel (a pure function of what it said: the tests render it)."""
+    try:
+        return _panel(target)
+    except (KeyError, TypeError, ValueError) as exc:  # a status of another shape (another version)
+        return Panel(Text(f"cannot show its /status: {exc!r}", style="bold red"), title=target.url,
+                     border_style="red")
+
+
+def _panel(target: Target) -> Panel:
     if target.error or target.status is None:
         since = f" for {time.time() - target.down_since:.0f}s" if target.down_since else ""
         return Panel(Text(f"down{since}: {target.error or 'no answer yet'} — retrying every second", style="bold red"),
@@ -188,14 +204,26 @@ def _quit_pressed(wait: float) -> bool:
 
 
 def run(urls: list[str], interval: float = 1.0, console: Console | None = None) -> int:
-    targets = [Target(u) for u in expand(urls)]
-    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool, _keys():
+    try:
+        targets = [Target(u) for u in expand(urls)]
+    except ValueError as exc:
+        print(f"ingest-buffer top: {exc}", file=sys.stderr)
+        return 2
+    if not targets:
+        print("ingest-buffer top: give a buffer's admin URL with --url", file=sys.stderr)
+        return 2
+    with ThreadPoolExecutor(max_workers=16) as pool, _keys():
         try:
             with Live(screen(targets), console=console, screen=False, auto_refresh=False) as live:
-                while True:
+                for tick in itertools.count(1):
+                    if tick % RESOLVE_EVERY == 0:  # a Service's pods come and go with their addresses
+                        known = {t.url: t for t in targets}
+                        with contextlib.suppress(ValueError):
+                            targets = [known.get(u) or Target(u) for u in expand(urls)] or targets
                     list(pool.map(lambda t: t.read(min(0.9, interval)), targets))
                     live.update(screen(targets), refresh=True)
                     if _quit_pressed(interval):
                         return 0
         except KeyboardInterrupt:
             return 0
+    return 0

@@ -218,6 +218,8 @@ def test_the_clickhouse_http_interface_is_loopback_in_a_sidecar_and_authenticate
     ({"mode": "gateway", "wal": {"maxBytes": "20GiB", "persistence": {"enabled": True, "size": "10Gi"}}},
      "(wal.persistence.size 10Gi)"),
     ({"deadLetters": {"maxBytes": "0"}}, "deadLetters.maxBytes (0) must be more than 0 bytes"),
+    ({"deadLetters": {"maxBytes": "5GiB", "sizeLimit": "1Gi"}}, "larger than their volume (deadLetters.sizeLimit 1Gi)"),
+    ({"resources": {"limits": {"memory": "512Mx"}}}, "512Mx is not a Kubernetes quantity"),
 ])
 def test_values_that_would_crash_loop_or_be_killed_are_refused_naming_the_value(values: dict[str, Any],
                                                                                   words: str) -> None:
@@ -232,7 +234,8 @@ def test_values_that_fit_render_and_the_buffer_takes_what_they_render() -> None:
     for values in ({}, {"buffer": {"maxBytes": "384MiB"}}, {"buffer": {"maxBytes": "1GiB"},
                                                             "resources": {"limits": {"memory": "1152Mi"}}},
                    {"buffer": {"maxBytes": "16MiB"}, "flush": {"maxBytes": "16MiB"}, "wal": {"maxBytes": "2Gi"}},
-                   {"deadLetters": {"maxBytes": "1"}, "wal": {"syncIntervalSeconds": 0.001}}):
+                   {"deadLetters": {"maxBytes": "1"}, "wal": {"syncIntervalSeconds": 0.001}},
+                   {"resources": {"limits": {"memory": 1073741824}}}, {"resources": {"limits": {"memory": "1e9"}}}):
         container = pod_spec(render(values), "-example")["initContainers"][0]
         env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         env = {k: v for k, v in env.items() if not k.endswith(("_FILE", "_DIR", "_LISTEN"))}

@@ -36,6 +36,20 @@ def test_rates_come_from_two_readings_and_start_again_after_a_restart() -> None:
     assert target.rates == {"accepted": 2000.0, "committed": 2000.0}
     target.read()  # uptime went back: counters began again, no rate from across the restart
     assert target.rates == {}
+    gap = Target("http://127.0.0.1:1")
+    Target._take(gap, status(100.0, 1000, 500, 10.0))
+    gap.read(timeout=0.2)  # no answer: the next one starts afresh, rather than averaging over the gap
+    Target._take(gap, status(110.0, 9000, 9000, 20.0))
+    assert gap.rates == {}
+
+
+def test_a_status_of_another_shape_is_said_not_raised() -> None:
+    console = Console(record=True, width=100)
+    for odd in ([1, 2], {"state": "serving"}):
+        target = Target("http://x")
+        target.status = odd  # type: ignore[assignment]
+        console.print(panel(target))
+    assert console.export_text().count("cannot show its /status") == 2
 
 
 def test_a_buffer_that_does_not_answer_is_shown_down() -> None:

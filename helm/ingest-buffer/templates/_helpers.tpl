@@ -77,10 +77,14 @@ A size as the buffer reads it (binary units, any case: 64MiB, 512k, 1048576) in 
 A Kubernetes quantity (512Mi, 2Gi, 500M, 1073741824) in bytes.
 */}}
 {{- define "ingest-buffer.quantity" -}}
-{{- $s := trim (toString .) }}
-{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $s }}
-{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
-{{- mulf (float64 $n) (get $units (trimPrefix $n $s)) | int64 }}
+{{- $s := ternary (printf "%.0f" .) (trim (toString .)) (kindIs "float64" .) }}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?([eE][+-]?[0-9]+)?" $s }}
+{{- $unit := trimPrefix $n $s }}
+{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "E" 1000000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 }}
+{{- if or (not $n) (not (hasKey $units $unit)) }}
+{{- fail (printf "%v is not a Kubernetes quantity (write it as 512Mi, 2Gi, 500M or a number of bytes)" .) }}
+{{- end }}
+{{- mulf (float64 $n) (get $units $unit) | int64 }}
 {{- end }}
 
 {{/*
@@ -107,6 +111,11 @@ eviction), refused here with the value to change.
 {{- $headroom := 134217728 }}
 {{- if gt (add $max $headroom) $limit }}
 {{- fail (printf "buffer.maxBytes (%v) plus the process's own 128Mi does not fit resources.limits.memory (%v): the kubelet would OOM-kill the buffer with rows in it; raise the limit to at least %dMi or lower buffer.maxBytes" $.Values.buffer.maxBytes . (div (add $max $headroom 1048575) 1048576)) }}
+{{- end }}
+{{- end }}
+{{- if not .Values.deadLetters.existingClaim }}
+{{- if gt (include "ingest-buffer.bytes" .Values.deadLetters.maxBytes | int64) (include "ingest-buffer.quantity" .Values.deadLetters.sizeLimit | int64) }}
+{{- fail (printf "deadLetters.maxBytes (%v) is larger than their volume (deadLetters.sizeLimit %v): the kubelet would evict the pod as dead letters piled up; lower deadLetters.maxBytes or raise deadLetters.sizeLimit" .Values.deadLetters.maxBytes .Values.deadLetters.sizeLimit) }}
 {{- end }}
 {{- end }}
 {{- if .Values.wal.enabled }}
