@@ -46,6 +46,7 @@ from buffer.catalog import TableCatalog
 from buffer.chsql import WORKING, SqlError, first_word, one_read, parse_insert, tokens
 from buffer.client import ACK_NAMES, varint
 from buffer.config import read_users
+from buffer.errors import code_in
 from buffer.lifecycle import Lifecycle
 from buffer.native import NativeError, count_row_binary, count_rows
 from buffer.refusals import (
@@ -58,7 +59,7 @@ from buffer.refusals import (
     UnknownTable,
 )
 from buffer.routines import Routine
-from buffer.service import IngestService
+from buffer.service import IngestService, ShapedWrite
 from buffer.shape import shape
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,6 @@ class Failure(Exception):
         return web.Response(status=self.status, text=body, headers=headers)
 
 
-_CODE = re.compile(r"Code: (\d+)\.")
 _NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
 
 
@@ -124,10 +124,7 @@ def _refused(refusal: Refusal) -> Failure:
     if isinstance(refusal, UnknownTable):
         return Failure(404, 60, "UNKNOWN_TABLE", message)
     if isinstance(refusal, CommitFailed):  # ClickHouse's own error for the rows, when the message names one
-        code = _CODE.search(message)
-        name = _NAME.search(message)
-        return Failure(500, int(code.group(1)) if code else 1002, name.group(1) if name else "UNKNOWN_EXCEPTION",
-                       message)
+        return _from_clickhouse(message, 500, whole=True)
     if isinstance(refusal, InvalidRequest):
         if refusal.reason == "too_large":
             return Failure(413, 290, "LIMIT_EXCEEDED", message)
@@ -137,23 +134,20 @@ def _refused(refusal: Refusal) -> Failure:
     return Failure(501, 48, "NOT_IMPLEMENTED", message)
 
 
+def _from_clickhouse(message: str, status: int | None = None, whole: bool = False) -> Failure:
+    """ClickHouse's error (``Code: N. DB::Exception: … (NAME)``) as this listener answers it: its code,
+    name and status (ClickHouse's for the code, unless given), and its text (``whole``: the message
+    as it is, else only what follows ``DB::Exception:``)."""
+    code = code_in(message)
+    name = _NAME.search(message)
+    text = message if whole or code is None else message.split("DB::Exception: ", 1)[-1].rsplit(" (", 1)[0]
+    number = code or 1002
+    return Failure(status or _STATUS.get(number, 500), number, name.group(1) if name else "UNKNOWN_EXCEPTION",
+                   text[:4000])
+
+
 def _sql_failure(exc: SqlError) -> Failure:
     return Failure({62: 400, 48: 501}.get(exc.code, 400), exc.code, exc.name, exc.message)
-
-
-@dataclass
-class HttpWrite:
-    """A WriteRequest's fields, and the key's shape: what the write path takes from this listener."""
-
-    table: str
-    format: int
-    rows: bytes
-    shape: str
-    ack_level: int
-    producer: str = ""
-    sequence: int = 0
-    row_count: int = 0
-    header_columns: frozenset[bytes] | None = None  # a CSV/TSV header naming these is refused
 
 
 class _Deadline:
@@ -484,7 +478,7 @@ class ClickHouseHttp(Routine):
         rows = text[insert.data_start:]
         if FORMATS[fmt][1] and rows and not rows.endswith(b"\n"):
             rows += b"\n"  # HTTP says where the body ends: its last row is whole, newline or not (as in ClickHouse)
-        write = HttpWrite(insert.table, fmt, rows, key_shape, ack,
+        write = ShapedWrite(insert.table, fmt, rows, key_shape, ack,
                           header_columns=frozenset(c.encode() for c in insert.columns) if insert.columns else None)
         if fmt in (pb.FORMAT_NATIVE, pb.FORMAT_ROW_BINARY):  # they do not say how many rows they hold
             try:
@@ -589,20 +583,15 @@ class ClickHouseHttp(Routine):
         if refused is not None:
             raise Failure(403, 164, "READONLY", f"this read query is not run on the buffer's engine: {refused}")
         params = {k[6:]: v for k, v in request.query.items() if k.startswith("param_")}
-        fmt = _output_format(text) or request.query.get("default_format") or _DEFAULT_FORMAT
+        own = _output_format(text)  # the statement's FORMAT clause, which the engine follows
+        fmt = own or request.query.get("default_format") or _DEFAULT_FORMAT
         sql = text.decode("utf-8", "replace")
         run_read = self.run_read
         assert run_read is not None
         try:
-            data = await asyncio.to_thread(run_read, sql, params, None if _output_format(text) else fmt)
+            data = await asyncio.to_thread(run_read, sql, params, None if own else fmt)
         except Exception as exc:
-            message = str(exc)
-            code = _CODE.search(message)
-            name = _NAME.search(message)
-            text_of = message.split("DB::Exception: ", 1)[-1].rsplit(" (", 1)[0] if code else message
-            number = int(code.group(1)) if code else 1002
-            raise Failure(_STATUS.get(number, 500), number, name.group(1) if name else "UNKNOWN_EXCEPTION",
-                          text_of[:4000]) from None
+            raise _from_clickhouse(str(exc)) from None
         headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": "UTC",
                    "X-ClickHouse-Server-Display-Name": "ingest-buffer"}
         if _HEADER_SAFE.fullmatch(fmt):
@@ -673,4 +662,4 @@ def _output_format(text: bytes) -> str | None:
     return None
 
 
-__all__ = ["ClickHouseHttp", "Failure", "HttpWrite", "decompress"]
+__all__ = ["ClickHouseHttp", "Failure", "decompress"]

@@ -134,7 +134,12 @@ def error_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     if isinstance(code, int) and code > 0:
         return code
-    m = _CODE_RE.search(str(exc))
+    return code_in(str(exc))
+
+
+def code_in(text: str) -> int | None:
+    """The ClickHouse error code a message names (``Code: 60. DB::Exception: …``), or None."""
+    m = _CODE_RE.search(text)
     return int(m.group(1)) if m else None
 
 

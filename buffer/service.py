@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -61,6 +62,23 @@ _DURABLE = pb.ACK_LEVEL_DURABLE
 # What _accept hands back: rows, bytes, the entry a COMMITTED ack waits on, the fsync a DURABLE one waits
 # on, and the entry itself.
 Accepted = tuple[int, int, "Entry | None", "asyncio.Future[None] | None", "Entry | None"]
+
+
+@dataclass
+class ShapedWrite:
+    """A write with a WriteRequest's fields, from another way in than gRPC (ClickHouse's HTTP
+    interface): it also carries its key's shape (buffer.shape), and the column names a CSV/TSV header
+    would repeat when it names its own columns."""
+
+    table: str
+    format: int
+    rows: bytes
+    shape: str
+    ack_level: int
+    producer: str = ""
+    sequence: int = 0
+    row_count: int = 0
+    header_columns: frozenset[bytes] | None = None
 
 
 class Deadline(Protocol):
@@ -131,12 +149,13 @@ class IngestService:
         ledger.received_rows += rows
         if not self.catalog.allows(table):
             await self.catalog.check(table)
+        shaped = req.__class__ is ShapedWrite  # from ClickHouse's HTTP interface: a shape of its own
         if fmt in ("CSV", "TabSeparated"):
-            # The insert's own column list when it names one (ClickHouse's HTTP interface), else the table's.
-            columns = getattr(req, "header_columns", None) or self.catalog.columns(table)
+            # The insert's own column list when it names one, else the table's.
+            columns = (shaped and req.header_columns) or self.catalog.columns(table)
             if columns:
                 refuse_header(fmt, payload, columns)
-        key = (table, getattr(req, "shape", "") or fmt)  # a shape: rows from ClickHouse's HTTP interface
+        key = (table, req.shape if shaped else fmt)
         if self.wal is not None:
             return await self._accept_logged(self.wal, key, payload, rows, lines, ack, context)
         # The common cases, with room: joined to the newest entry of its table (small writes
